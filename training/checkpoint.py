@@ -1,0 +1,422 @@
+"""The checkpoint folder (what training writes and export reads) and diffusers-folder import.
+
+Our checkpoint folder::
+
+    ckpt/
+      ldm_checkpoint.json            format marker, version, default image size
+      unet/config.json               our UNetConfig            unet/model.safetensors
+      vae/config.json                our VAEConfig (holds the latent scaling factor)
+      text_encoder/config.json       our TextEncoderConfig     text_encoder/model.safetensors
+      tokenizer/vocab.json, merges.txt, tokenizer_config.json
+      scheduler/scheduler_config.json   diffusers keys, with "_class_name"
+
+A diffusers pipeline folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/
+scheduler/``) loads into the same models: its configs are mapped to ours (unsupported features
+are refused by the config mappers) and its weights load by name, since our parameter names are
+diffusers'/transformers' own. Weights are read from safetensors only; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from training.models.unet import UNet, UNetConfig
+from training.models.vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ldm-checkpoint"
+FORMAT_VERSION = 1
+MARKER = "ldm_checkpoint.json"
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# diffusers scheduler class -> our scheduler name (contract table)
+SCHEDULER_CLASSES = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+_OUR_SCHEDULER_CLASS = {v: k for k, v in SCHEDULER_CLASSES.items()} | {"dpmpp_2m_karras": "DPMSolverMultistepScheduler"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or diffusers folder that cannot be loaded; the message names the file."""
+
+
+@dataclass
+class LatentDiffusion:
+    """The three models of a latent diffusion system plus what sampling needs besides them."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+    tokenizer_dir: Path
+    tokenizer_config: dict
+    scheduler_config: dict
+    default_size: tuple[int, int]
+    source_kind: str = "checkpoint"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.unet.config
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        return self.vae.config
+
+    @property
+    def text_config(self) -> TextEncoderConfig:
+        return self.text_encoder.config
+
+    @property
+    def scheduler_name(self) -> str:
+        return scheduler_name_for(self.scheduler_config)
+
+
+def scheduler_name_for(config: dict) -> str:
+    """Our scheduler name for a diffusers scheduler config (``_class_name``)."""
+    cls = config.get("_class_name", "DDIMScheduler")
+    name = SCHEDULER_CLASSES.get(cls)
+    if name is None:
+        log.warning("scheduler class %s has no ldm_runtime equivalent; using 'ddim' with its config keys "
+                    "(choose another with --scheduler at generation time)", cls)
+        return "ddim"
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        return "dpmpp_2m_karras"
+    return name
+
+
+def scheduler_config_for(name: str, base: dict) -> dict:
+    """A diffusers scheduler config for our scheduler ``name`` that keeps ``base``'s schedule keys."""
+    cfg = dict(base)
+    cfg["_class_name"] = _OUR_SCHEDULER_CLASS[name]
+    if name == "dpmpp_2m_karras":
+        cfg["use_karras_sigmas"] = True
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# small file helpers with errors that name the file
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _config_from_dict(cls, d: dict, path: Path):
+    """Rebuild a config dataclass from JSON: lists become tuples, unknown keys are refused."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown {cls.__name__} keys {unknown}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid {cls.__name__}: {e}") from None
+
+
+def _find_weights(folder: Path, stems: tuple[str, ...]) -> list[Path]:
+    """The safetensors file(s) of a component folder; refuses pickle-based weights by name."""
+    for stem in stems:
+        for suffix in ("", ".fp16"):
+            single = folder / f"{stem}{suffix}.safetensors"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}{suffix}.safetensors.index.json"
+            if index.is_file():
+                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                if not shards:
+                    raise CheckpointError(f"{index}: empty weight_map")
+                return [folder / s for s in shards]
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickled:
+        raise CheckpointError(
+            f"{folder}: weights are in pickle-based file(s) {pickled}; only safetensors are loaded "
+            f"(convert them with a trusted tool first, e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{folder}: missing weights file (expected {stems[0]}.safetensors)")
+
+
+def _load_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing weights shard")
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return sd
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict, shape-checked load by name; casts to the model's dtype (fp16 files are fine)."""
+    own = model.state_dict()
+    # transformers keeps a position_ids buffer in some versions; it is arange(L), not a weight
+    sd = {k: v for k, v in sd.items() if not (k.endswith("position_ids") and k not in own)}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not match the model config: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(v.shape)}, the config expects {list(own[k].shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing tokenizer file")
+    cfg: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        p = folder / name
+        if p.is_file():
+            for k, v in _read_json(p).items():
+                if k in ("pad_token", "bos_token", "eos_token", "unk_token"):
+                    cfg[k] = v["content"] if isinstance(v, dict) else v
+                elif k == "model_max_length":
+                    cfg[k] = int(v)
+    cfg.setdefault("model_max_length", 77)
+    cfg.setdefault("bos_token", "<|startoftext|>")
+    cfg.setdefault("eos_token", "<|endoftext|>")
+    cfg.setdefault("pad_token", cfg["eos_token"])
+    if cfg["model_max_length"] > 10_000:  # transformers' "no limit" sentinel
+        cfg["model_max_length"] = 77
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def detect_kind(src: str | os.PathLike) -> str:
+    """'checkpoint' or 'diffusers'; raises CheckpointError for anything else."""
+    p = Path(src)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a folder (expected an ldm checkpoint folder or a diffusers pipeline folder)")
+    if (p / MARKER).is_file():
+        return "checkpoint"
+    if (p / "model_index.json").is_file():
+        return "diffusers"
+    raise CheckpointError(f"{p}: neither an ldm checkpoint folder (no {MARKER}) nor a diffusers pipeline folder (no model_index.json)")
+
+
+def load_models(src: str | os.PathLike) -> LatentDiffusion:
+    """Load our checkpoint folder or a diffusers pipeline folder into our models (fp32, eval)."""
+    kind = detect_kind(src)
+    ld = load_checkpoint(src) if kind == "checkpoint" else load_diffusers(src)
+    for m in (ld.unet, ld.vae, ld.text_encoder):
+        m.float().eval().requires_grad_(False)
+    return ld
+
+
+def load_checkpoint(path: str | os.PathLike) -> LatentDiffusion:
+    root = Path(path)
+    meta = _read_json(root / MARKER)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / MARKER}: expected format {FORMAT!r}, got {meta.get('format')!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{root / MARKER}: unknown checkpoint version {meta.get('version')!r} (this code reads {FORMAT_VERSION})")
+    models = {}
+    for name, cfg_cls, model_cls in (("unet", UNetConfig, UNet), ("vae", VAEConfig, AutoencoderKL),
+                                     ("text_encoder", TextEncoderConfig, CLIPTextEncoder)):
+        cfg_path = root / name / "config.json"
+        cfg = _config_from_dict(cfg_cls, _read_json(cfg_path), cfg_path)
+        model = model_cls(cfg)
+        files = _find_weights(root / name, ("model",))
+        _load_into(model, _load_weights(files), files[0])
+        models[name] = model
+    size = meta.get("default_size", {})
+    return LatentDiffusion(
+        unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
+        tokenizer_dir=root / "tokenizer", tokenizer_config=_tokenizer_config(root / "tokenizer"),
+        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        default_size=(int(size.get("height", 64)), int(size.get("width", 64))),
+        source_kind="checkpoint", extra={k: v for k, v in meta.items() if k not in ("format", "version", "default_size")},
+    )
+
+
+def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
+    root = Path(path)
+    index = _read_json(root / "model_index.json")
+    for comp in COMPONENT_DIRS:
+        if comp not in index:
+            raise CheckpointError(f"{root / 'model_index.json'}: no {comp!r} entry (a Stable Diffusion pipeline folder needs {list(COMPONENT_DIRS)})")
+        if not (root / comp).is_dir():
+            raise CheckpointError(f"{root / comp}: missing component folder")
+    unet_cfg = _mapped(UNetConfig.from_diffusers, root / "unet" / "config.json")
+    vae_cfg = _mapped(VAEConfig.from_diffusers, root / "vae" / "config.json")
+    text_cfg = _mapped(TextEncoderConfig.from_transformers, root / "text_encoder" / "config.json")
+    unet, vae, text = UNet(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextEncoder(text_cfg)
+    for model, folder, stems in ((unet, "unet", ("diffusion_pytorch_model",)), (vae, "vae", ("diffusion_pytorch_model",)),
+                                 (text, "text_encoder", ("model",))):
+        files = _find_weights(root / folder, stems)
+        _load_into(model, _load_weights(files), files[0])
+    sample_size = _read_json(root / "unet" / "config.json").get("sample_size", 64)
+    if isinstance(sample_size, (list, tuple)):
+        h, w = int(sample_size[0]), int(sample_size[1])
+    else:
+        h = w = int(sample_size)
+    f = vae_cfg.spatial_factor
+    return LatentDiffusion(
+        unet=unet, vae=vae, text_encoder=text,
+        tokenizer_dir=root / "tokenizer", tokenizer_config=_tokenizer_config(root / "tokenizer"),
+        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        default_size=(h * f, w * f), source_kind="diffusers",
+    )
+
+
+def _mapped(mapper, path: Path):
+    try:
+        return mapper(_read_json(path))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # UnsupportedConfigError is a ValueError
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def _state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
+
+
+def _json_config(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _atomic_folder(out: Path, is_ours, writer) -> Path:
+    """Run ``writer(tmp)`` in a temporary folder beside ``out``, then move it into place.
+
+    An existing ``out`` is replaced only if ``is_ours(out)``; unrelated folders are refused.
+    """
+    out = Path(out)
+    if out.exists() and not is_ours(out):
+        raise CheckpointError(f"{out}: exists and is not a folder of this kind; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writer(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_tokenizer(ld: LatentDiffusion, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(ld.tokenizer_dir / name, dest / name)
+
+
+def save_checkpoint(ld: LatentDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write ``ld`` as our checkpoint folder, atomically. ``dtype`` (e.g. fp16) casts the weights."""
+
+    def write(tmp: Path) -> None:
+        for name, model in (("unet", ld.unet), ("vae", ld.vae), ("text_encoder", ld.text_encoder)):
+            _write_json(tmp / name / "config.json", _json_config(model.config))
+            save_file(_state_dict(model, dtype), str(tmp / name / "model.safetensors"))
+        _copy_tokenizer(ld, tmp / "tokenizer")
+        _write_json(tmp / "tokenizer" / "tokenizer_config.json", dict(ld.tokenizer_config))
+        _write_json(tmp / "scheduler" / "scheduler_config.json", dict(ld.scheduler_config))
+        meta = {"format": FORMAT, "version": FORMAT_VERSION,
+                "default_size": {"height": ld.default_size[0], "width": ld.default_size[1]}}
+        meta.update(ld.extra)
+        meta.update(extra or {})
+        _write_json(tmp / MARKER, meta)  # the marker last: a folder without it is not a checkpoint
+
+    return _atomic_folder(Path(path), lambda p: (p / MARKER).is_file(), write)
+
+
+def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
+    """Write ``ld`` as a diffusers ``StableDiffusionPipeline`` folder (safetensors), atomically."""
+    import diffusers  # dev/bench dependency only: version stamp for the configs
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        tf_version = "unknown"
+
+    def write(tmp: Path) -> None:
+        unet_cfg = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__, **ld.unet.config.to_diffusers()}
+        vae_cfg = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers.__version__, **ld.vae.config.to_diffusers()}
+        text_cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "transformers_version": tf_version,
+                    **ld.text_encoder.config.to_transformers()}
+        f = ld.vae.config.spatial_factor
+        unet_cfg.setdefault("sample_size", ld.default_size[0] // f)
+        _write_json(tmp / "unet" / "config.json", unet_cfg)
+        save_file(_state_dict(ld.unet, None), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        _write_json(tmp / "vae" / "config.json", vae_cfg)
+        save_file(_state_dict(ld.vae, None), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+        _write_json(tmp / "text_encoder" / "config.json", text_cfg)
+        save_file(_state_dict(ld.text_encoder, None), str(tmp / "text_encoder" / "model.safetensors"))
+        _copy_tokenizer(ld, tmp / "tokenizer")
+        tc = ld.tokenizer_config
+        _write_json(tmp / "tokenizer" / "tokenizer_config.json", {
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": tc["model_max_length"],
+            "bos_token": tc["bos_token"], "eos_token": tc["eos_token"], "pad_token": tc["pad_token"],
+            "unk_token": tc.get("unk_token", tc["eos_token"]), "do_lower_case": True})
+        _write_json(tmp / "tokenizer" / "special_tokens_map.json", {
+            "bos_token": tc["bos_token"], "eos_token": tc["eos_token"], "pad_token": tc["pad_token"],
+            "unk_token": tc.get("unk_token", tc["eos_token"])})
+        _write_json(tmp / "scheduler" / "scheduler_config.json", dict(ld.scheduler_config))
+        _write_json(tmp / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+            "image_encoder": [None, None],
+            "scheduler": ["diffusers", ld.scheduler_config.get("_class_name", "DDIMScheduler")],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+
+    return _atomic_folder(Path(path), lambda p: (p / "model_index.json").is_file(), write)
+
+
+__all__ = ["CheckpointError", "LatentDiffusion", "detect_kind", "export_diffusers", "load_checkpoint",
+           "load_diffusers", "load_models", "save_checkpoint", "scheduler_config_for", "scheduler_name_for"]
