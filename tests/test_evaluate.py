@@ -1,0 +1,149 @@
+"""The prompt-adherence evaluator, checked on ground-truth renders of the shapes data."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from training.data import PALETTE, Attrs, ShapesDataset, render
+from training.data.shapes import make_object
+from training.evaluate import (corrupt, detect_objects, evaluate_dataset_self, evaluate_images,
+                               label_components)
+
+SUMMARY = ("colour", "shape", "position", "size", "count", "background", "all")
+
+
+def _fmt(res: dict) -> str:
+    return " ".join(f"{k} {res[k]:.3f}" for k in SUMMARY)
+
+
+def test_accuracy_on_ground_truth_renders():
+    ds = ShapesDataset("val", size=64, length=300, seed=5)
+    samples = [ds.sample(i) for i in range(300)]
+    res = evaluate_images([s[0] for s in samples], [s[2] for s in samples])
+    print(f"300 clean renders ({res['n_objects']} objects): {_fmt(res)}")
+    assert res["colour"] >= 0.98 and res["shape"] >= 0.95
+    assert res["position"] >= 0.95 and res["count"] >= 0.98
+    assert len(res["per_image"]) == 300
+
+
+def test_accuracy_under_noise_and_blur():
+    out = evaluate_dataset_self(n=40, size=64, seed=7)
+    for split, by_condition in out.items():
+        for condition, res in by_condition.items():
+            print(f"{split:8s} {condition:10s} {_fmt(res)}")
+            assert res["colour"] >= 0.97 and res["count"] >= 0.95 and res["position"] >= 0.97
+            assert res["shape"] >= (0.95 if condition == "clean" else 0.9)
+
+
+def _one(kind="circle", colour="red", size="large", cell=(1, 1), bg="blue"):
+    return Attrs(bg, (make_object(kind, colour, size, cell, 64),), 64)
+
+
+@pytest.mark.parametrize("kind", ["circle", "square", "triangle", "star", "cross"])
+def test_wrong_images_are_scored_wrong(kind):
+    truth = _one(kind=kind, colour="yellow", cell=(0, 2))
+    o = truth.objects[0]
+
+    def score(attrs):
+        r = evaluate_images([render(attrs)], [truth])["per_image"][0]
+        return {k: r[k][0] for k in ("colour", "shape", "position", "size")} | {"count": r["count"]}
+
+    assert score(truth) == dict(colour=True, shape=True, position=True, size=True, count=True)
+    recoloured = dataclasses.replace(truth, objects=(dataclasses.replace(o, colour="white"),))
+    assert score(recoloured) == dict(colour=False, shape=True, position=True, size=True, count=True)
+    other_kind = {"circle": "square", "square": "triangle", "triangle": "star", "star": "cross",
+                  "cross": "circle"}[kind]
+    reshaped = _one(kind=other_kind, colour="yellow", cell=(0, 2))
+    assert score(reshaped) == dict(colour=True, shape=False, position=True, size=True, count=True)
+    moved = _one(kind=kind, colour="yellow", cell=(2, 0))
+    assert score(moved)["position"] is False and score(moved)["shape"] is True
+    shrunk = _one(kind=kind, colour="yellow", size="small", cell=(0, 2))
+    assert score(shrunk)["size"] is False and score(shrunk)["shape"] is True
+    extra = Attrs("blue", (o, make_object("square", "red", "small", (2, 0), 64)), 64)
+    assert score(extra)["count"] is False and score(extra)["colour"] is True
+    empty = Attrs("blue", (), 64)
+    assert score(empty) == dict(colour=False, shape=False, position=False, size=False, count=False)
+
+
+def test_two_objects_of_swapped_colours():
+    a = make_object("circle", "red", "large", (0, 0), 64)
+    b = make_object("square", "green", "large", (2, 2), 64)
+    truth = Attrs("white", (a, b), 64)
+    swapped = Attrs("white", (dataclasses.replace(a, colour="green"),
+                              dataclasses.replace(b, colour="red")), 64)
+    r = evaluate_images([render(truth), render(swapped)], [truth, truth])
+    first, second = r["per_image"]
+    assert first["all"] and not second["all"]
+    # matching pairs each object with the detection of its colour, which has the wrong shape
+    # and cell, so the swap shows up as shape and position errors, never as a double success
+    assert second["colour"] == [True, True] and second["shape"] == [False, False]
+    assert second["position"] == [False, False]
+
+
+def test_float_inputs_and_background():
+    ds = ShapesDataset("heldout", size=64, length=4)
+    img, _, attrs = ds.sample(0)
+    bg, dets = detect_objects(img)
+    assert bg == attrs.background
+    as01 = img.astype(np.float32) / 255
+    for kw, x in [({}, as01), ({"value_range": (-1.0, 1.0)}, as01 * 2 - 1)]:
+        bg2, dets2 = detect_objects(x, **kw)
+        assert bg2 == bg and dets2 == dets
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image"):
+        detect_objects(img.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="2 images but 1 attrs"):
+        evaluate_images([img, img], [attrs])
+
+
+def test_touching_objects_are_counted_as_two():
+    # a generator may let objects touch: two solid colour regions in one component are split
+    img = np.full((64, 64, 3), PALETTE["black"], np.uint8)
+    img[20:40, 10:30] = PALETTE["red"]
+    img[20:40, 30:50] = PALETTE["white"]
+    _, dets = detect_objects(img)
+    print([(d.colour, d.kind, d.area) for d in dets])
+    assert sorted(d.colour for d in dets) == ["red", "white"]
+    assert all(d.kind == "square" and d.area == 400 for d in dets)
+
+
+def _bfs_components(mask):
+    h, w = mask.shape
+    lab, k = np.zeros((h, w), int), 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if lab[y0, x0]:
+            continue
+        k += 1
+        lab[y0, x0], stack = k, [(y0, x0)]
+        while stack:
+            y, x = stack.pop()
+            for v in range(max(y - 1, 0), min(y + 2, h)):
+                for u in range(max(x - 1, 0), min(x + 2, w)):
+                    if mask[v, u] and not lab[v, u]:
+                        lab[v, u] = k
+                        stack.append((v, u))
+    return lab, k
+
+
+def test_label_components_matches_bfs():
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        mask = rng.random((23, 37)) < rng.uniform(0.2, 0.65)
+        got, k = label_components(mask)
+        ref, k_ref = _bfs_components(mask)
+        assert k == k_ref and np.array_equal(got > 0, mask)
+        assert len(set(zip(got[mask], ref[mask]))) == k  # the same partition, labels aside
+    spiral = np.zeros((15, 15), bool)  # one long thin component: propagation must converge
+    spiral[1, 1:14] = spiral[1:14, 13] = spiral[13, 1:14] = spiral[3:14, 1] = True
+    spiral[3, 1:11] = spiral[3:11, 11] = spiral[11, 3:12] = spiral[5:12, 3] = True
+    assert label_components(spiral)[1] == _bfs_components(spiral)[1] == 1
+
+
+def test_corrupt_is_mild():
+    img = ShapesDataset("val", size=64, length=1).sample(0)[0]
+    noisy = corrupt(img, noise=0.04, rng=np.random.default_rng(0)).astype(float)
+    blurred = corrupt(img, blur=True).astype(float)
+    print(f"noise rms {np.sqrt(((noisy - img) ** 2).mean()):.1f}, "
+          f"blur max change {np.abs(blurred - img).max():.0f}")
+    assert 8 < np.sqrt(((noisy - img) ** 2).mean()) < 12  # std 0.04 * 255 = 10.2
+    assert np.array_equal(corrupt(np.full((8, 8, 3), 77, np.uint8), blur=True),
+                          np.full((8, 8, 3), 77, np.uint8))
