@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, state_dict_from_transformers
 from training.models.unet import UNet, UNetConfig
 from training.models.vae import AutoencoderKL, VAEConfig
 
@@ -177,8 +177,8 @@ def _load_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
     """Strict, shape-checked load by name; casts to the model's dtype (fp16 files are fine)."""
     own = model.state_dict()
-    # transformers keeps a position_ids buffer in some versions; it is arange(L), not a weight
-    sd = {k: v for k, v in sd.items() if not (k.endswith("position_ids") and k not in own)}
+    if isinstance(model, CLIPTextEncoder):  # transformers 5 drops the text_model. prefix; old ones add position_ids
+        sd = state_dict_from_transformers(sd)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
