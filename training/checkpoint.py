@@ -192,10 +192,29 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
+def _tokenizer_dir(folder: Path) -> Path:
+    """A folder holding ``vocab.json`` + ``merges.txt`` for ``folder``.
+
+    transformers 5 saves only ``tokenizer.json``; its BPE model holds the same vocabulary and
+    merges, which are written out once to a temporary folder in CLIP's file format.
+    """
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return folder
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
+        raise CheckpointError(f"{folder / missing[0]}: missing tokenizer file (and no tokenizer.json to read it from)")
+    model = _read_json(tj).get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        raise CheckpointError(f"{tj}: expected a BPE tokenizer model with 'vocab' and 'merges', got type {model.get('type')!r}")
+    out = Path(tempfile.mkdtemp(prefix="ldm-tokenizer-"))
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out
+
+
 def _tokenizer_config(folder: Path) -> dict:
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name}: missing tokenizer file")
     cfg: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = folder / name
@@ -281,7 +300,7 @@ def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
                                  (text, "text_encoder", ("model",))):
         files = _find_weights(root / folder, stems)
         _load_into(model, _load_weights(files), files[0])
-    sample_size = _read_json(root / "unet" / "config.json").get("sample_size", 64)
+    sample_size = _read_json(root / "unet" / "config.json").get("sample_size") or 64
     if isinstance(sample_size, (list, tuple)):
         h, w = int(sample_size[0]), int(sample_size[1])
     else:
@@ -289,7 +308,7 @@ def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
     f = vae_cfg.spatial_factor
     return LatentDiffusion(
         unet=unet, vae=vae, text_encoder=text,
-        tokenizer_dir=root / "tokenizer", tokenizer_config=_tokenizer_config(root / "tokenizer"),
+        tokenizer_dir=_tokenizer_dir(root / "tokenizer"), tokenizer_config=_tokenizer_config(root / "tokenizer"),
         scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
         default_size=(h * f, w * f), source_kind="diffusers",
     )
@@ -390,7 +409,8 @@ def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
         text_cfg = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "transformers_version": tf_version,
                     **ld.text_encoder.config.to_transformers()}
         f = ld.vae.config.spatial_factor
-        unet_cfg.setdefault("sample_size", ld.default_size[0] // f)
+        if unet_cfg.get("sample_size") is None:
+            unet_cfg["sample_size"] = ld.default_size[0] // f
         _write_json(tmp / "unet" / "config.json", unet_cfg)
         save_file(_state_dict(ld.unet, None), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
         _write_json(tmp / "vae" / "config.json", vae_cfg)
