@@ -222,6 +222,10 @@ class Manifest:
         return int(self.data["text"]["max_length"])
 
     @property
+    def text_hidden_size(self) -> int:
+        return int(self.data["text"]["hidden_size"])
+
+    @property
     def scheduler_name(self) -> str:
         return self.data["scheduler"]["name"]
 

@@ -1,0 +1,130 @@
+"""``ldm generate BUNDLE "PROMPT" ...``: text to PNG files that carry their generation parameters.
+
+Every PNG holds a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps,
+scheduler, guidance, size, batch position, bundle hash), enough to reproduce it exactly on the
+same backend. Without ``--seed`` a seed is picked and recorded. Exit 0 and the paths on stdout;
+bad input gives one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage dump
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ldm generate", description="Generate images from a prompt with a bundle (no torch).")
+    p.add_argument("bundle", help="bundle folder (with manifest.json)")
+    p.add_argument("prompt")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=30, help="number of inference steps (default 30)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="<= 1 disables classifier-free guidance")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--scheduler", default=None, help="scheduler name (default: the bundle's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: picked and recorded in the PNG)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the bundle's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the bundle's)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", default=".", help="a .png file name, or a folder (default: the current folder)")
+    return p
+
+
+class ProgressBar:
+    """A one-line text progress bar on a terminal (``\\r`` redraws); silent when ``stream`` is not a TTY."""
+
+    def __init__(self, total: int, stream: IO[str] | None = None, width: int = 30, label: str = "sampling"):
+        self.total, self.width, self.label = total, width, label
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, timestep: Any = None, latents: Any = None) -> None:
+        if not self.enabled:
+            return
+        done = min(step + 1, self.total)
+        filled = int(self.width * done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                          f"{rate:.2f} it/s")
+        if done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def output_paths(out: str, seed: int, n: int) -> list[Path]:
+    """``out`` ending in .png names the file (with -<i> before the suffix when n > 1); else it is a folder."""
+    p = Path(out)
+    if p.suffix.lower() == ".png":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+    p.mkdir(parents=True, exist_ok=True)
+    return [p / f"ldm-{seed}-{i}.png" for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"ldm generate: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from .manifest import BundleError
+    from .pipeline import NonFiniteOutputError, Pipeline
+
+    from .images import save_png
+
+    seed = secrets.randbelow(2**32) if a.seed is None else a.seed
+    try:
+        pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device)
+        height = a.height if a.height is not None else pipe.manifest.default_size[0]
+        width = a.width if a.width is not None else pipe.manifest.default_size[1]
+        scheduler = a.scheduler or pipe.scheduler_name
+        out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
+                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=scheduler,
+                   height=height, width=width, num_images_per_prompt=a.num_images, seed=seed,
+                   callback=ProgressBar(a.steps))
+        params = {
+            "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": seed, "steps": a.steps,
+            "scheduler": scheduler, "guidance_scale": a.guidance_scale, "guidance_rescale": a.guidance_rescale,
+            "height": height, "width": width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
+            "precision": pipe.manifest.precision, "backend": a.backend, "device": a.device,
+            "ldm_runtime": __version__,
+        }
+        paths = [save_png(image, path, {**params, "index": i})
+                 for i, (image, path) in enumerate(zip(out.images, output_paths(a.out, seed, len(out.images))))]
+    except (BundleError, ValueError, OSError) as e:  # bad input: a bundle, an argument, an output path
+        print(f"ldm generate: error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteOutputError, RuntimeError) as e:
+        print(f"ldm generate: failed: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
