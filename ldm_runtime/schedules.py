@@ -1,0 +1,142 @@
+"""Noise-schedule arrays in numpy: betas -> alphas_cumprod -> sigmas, timestep spacing, Karras sigmas.
+
+Everything here mirrors the dtype path of diffusers' schedulers (torch float32 where diffusers
+uses torch, numpy float64 where it uses numpy), because the low-noise end of the schedule
+(1 - alphas_cumprod near t=0) amplifies rounding differences.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def linspace_f32(start: float, end: float, num: int) -> np.ndarray:
+    """torch.linspace(start, end, num, dtype=float32) bit for bit: float32 step, filled from both ends.
+
+    torch computes start + step * i for the first half and end - step * (num - 1 - i) for the
+    second, each as one fused multiply-add; step * i is exact in float64, and rounding the float64
+    sum to float32 gives torch's result (the tests check this on random ranges). Bit-equal betas
+    keep 1 - alpha_bar near t = 0, where rounding is amplified most, equal to diffusers'.
+    """
+    if num == 1:
+        return np.array([start], dtype=np.float32)
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    ramp = np.where(i < num // 2, np.float64(s) + step * i, np.float64(e) - step * (num - 1 - i))
+    return ramp.astype(np.float32)
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-step noise variances beta_t, float32 (Ho et al. 2020; cosine: Nichol & Dhariwal 2021)."""
+    if trained_betas is not None:
+        return np.asarray(trained_betas, dtype=np.float32)
+    if beta_schedule == "linear":
+        return linspace_f32(beta_start, beta_end, num_train_timesteps)
+    if beta_schedule == "scaled_linear":
+        # linear in sqrt(beta), squared in float32 as diffusers does
+        return linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        t = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
+        alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999).astype(np.float32)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (Lin et al. 2023, Alg. 1); float32."""
+    alphas_cumprod = alphas_cumprod_from_betas(betas)
+    sqrt_ab = np.sqrt(alphas_cumprod)
+    sqrt_ab_0, sqrt_ab_T = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - sqrt_ab_T) * (sqrt_ab_0 / (sqrt_ab_0 - sqrt_ab_T))
+    alpha_bar = sqrt_ab**2
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s): float64 running product, rounded to float32 (torch's CPU cumprod)."""
+    alphas = (np.float32(1.0) - betas.astype(np.float32)).astype(np.float64)
+    return np.cumprod(alphas).astype(np.float32)
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the variance-exploding noise level; float32."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def spaced_timesteps(
+    num_steps: int,
+    num_train_timesteps: int,
+    spacing: str,
+    steps_offset: int = 0,
+    *,
+    skip_zero: bool = False,
+    fractional: bool = False,
+    last_timestep: int | None = None,
+) -> np.ndarray:
+    """Descending inference timesteps as diffusers spaces them (Lin et al. 2023, Table 2).
+
+    skip_zero: the multistep solvers lay out num_steps + 1 points and drop t=0 (linspace, leading).
+    fractional: the Euler schedulers keep float32 timesteps and do not round linspace.
+    last_timestep: DPM-Solver's clipped upper end (num_train_timesteps when unclipped).
+    """
+    T = num_train_timesteps
+    last = T if last_timestep is None else last_timestep
+    n = num_steps + 1 if skip_zero else num_steps
+    if spacing == "linspace":
+        if fractional:
+            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+        else:
+            ts = np.linspace(0, last - 1, n).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (last // n)).round()[::-1]
+        ts = ts.astype(np.float32 if fractional else np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(last, 0, -T / num_steps).round()
+        ts = ts.astype(np.float32 if fractional else np.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    if skip_zero and spacing != "trailing":
+        ts = ts[:-1]
+    return np.ascontiguousarray(ts).astype(np.float32 if fractional else np.int64)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Noise levels evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5); float64, descending."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, linear in log sigma between the two nearest levels."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]  # (T, n)
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def alpha_sigma_from_sigma(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """VE noise level -> VP (alpha_t, sigma_t) with alpha_t^2 + sigma_t^2 = 1; float32."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
+
+
+def log_snr(sigma: np.floating) -> np.floating:
+    """lambda_t = log(alpha_t / sigma_t), the half log-SNR of DPM-Solver (Lu et al. 2022); +inf at sigma 0."""
+    alpha_t, sigma_t = alpha_sigma_from_sigma(sigma)
+    with np.errstate(divide="ignore"):
+        return np.log(alpha_t) - np.log(sigma_t)

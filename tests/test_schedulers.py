@@ -1,0 +1,434 @@
+"""ldm_runtime.schedulers against diffusers' own schedulers, whole trajectories step by step.
+
+Both sides get the same fake denoiser (numpy, nonlinear in x, dependent on t) evaluated on their
+own current latents, so any divergence in a step propagates and shows. Tolerance on every step:
+max|ours - diffusers| <= 1e-5 * max|diffusers| + 4e-7 * (largest |latent| so far); the second term
+only matters where a step cancels large terms (see assert_trajectories_match). Measured: plain
+max|a - b| / max|b| <= 2.3e-6 on all cases but three: 3-step zero-SNR Euler / Euler-a (first step
+from sigma 4096) and 2-step v-prediction Euler-a reach 9.6e-5 / 8.3e-5 / 1.5e-5, which is at most
+6.1e-8 x the largest latent; with the stated tolerance the worst case uses 2.2e-6 of 1e-5.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from ldm_runtime.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
+from ldm_runtime.schedules import linspace_f32  # noqa: E402
+
+# diffusers converts torch tensors with np.array(..., copy=False), which numpy 2 warns about
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+RTOL = 1e-5
+ATOL_OPERAND = 4e-7  # ~3.4 float32 eps of the largest latent so far; see assert_trajectories_match
+
+# the contract: name -> diffusers class and the keyword arguments the name fixes
+ORACLE = {
+    "ddim": (DDIMScheduler, {}),  # eta = 0 is step()'s default
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                               "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+SD15 = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+SUPPORTS_SAMPLE = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+STEPS = (1, 2, 3, 5, 10, 25, 50)
+
+
+def fake_denoiser(x: np.ndarray, t) -> np.ndarray:
+    """Deterministic stand-in for the U-Net: nonlinear in x, depends on t."""
+    t = np.float32(t)
+    return (np.float32(0.3) * np.tanh(x) + np.float32(0.01) * (t / np.float32(1000)) * x
+            + np.float32(0.02) * np.cos(t / np.float32(100))).astype(np.float32)
+
+
+def initial_latents(batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 4, 8, 8), dtype=np.float32)
+
+
+def diffusers_scheduler(name: str, config: dict):
+    cls, fixed = ORACLE[name]
+    return cls.from_config(config, **fixed)
+
+
+def patch_ancestral_noise(monkeypatch, seed: int) -> None:
+    """diffusers' Euler-ancestral draws its noise from the same numpy stream as ours."""
+    rng = np.random.default_rng(seed)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
+
+    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor)
+
+
+def run_ours(sched, x: np.ndarray, timesteps, seed: int = 7) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    inputs, outputs = [], []
+    for t in timesteps:
+        inp = sched.scale_model_input(x, t)
+        x = sched.step(fake_denoiser(inp, t), t, x, generator=rng)
+        assert x.dtype == np.float32
+        inputs.append(inp)
+        outputs.append(x)
+    return inputs, outputs
+
+
+def run_diffusers(sched, x: np.ndarray, timesteps) -> tuple[list, list]:
+    x = torch.from_numpy(x)
+    inputs, outputs = [], []
+    for t in timesteps:
+        inp = sched.scale_model_input(x, t)
+        eps = torch.from_numpy(fake_denoiser(inp.numpy(), float(t)))
+        x = sched.step(eps, t, x).prev_sample
+        inputs.append(inp.numpy())
+        outputs.append(x.numpy())
+    return inputs, outputs
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def assert_trajectories_match(ours: tuple[list, list], ref: tuple[list, list], x_init: np.ndarray, what: str) -> None:
+    """Every step's latents, and every scaled model input, agree.
+
+    Tolerance for the latents after step i: max|a - b| <= RTOL * max|b| + ATOL_OPERAND * M_i, where
+    M_i is the largest |latent| diffusers has had up to step i. The second term is a few float32
+    ulps of the largest operand so far: when sigma drops by orders of magnitude in one step
+    (zero-SNR sigma_max = 4096, cosine 20291, or 2-step ancestral), x_{i+1} is a small difference of
+    large terms, and diffusers' own float32 result (its torch sqrt is not correctly rounded) carries
+    that much rounding noise. The model input c_in(sigma_i) x_i gets the same allowance, times c_in.
+    """
+    xs = [x_init] + list(ref[1])  # xs[i]: diffusers' latents going into step i
+    worst, M = 0.0, 0.0
+    for i in range(len(ref[1])):
+        x_max = float(np.max(np.abs(xs[i]), where=np.isfinite(xs[i]), initial=0.0))
+        M = max(M, x_max)
+        c_in = float(np.max(np.abs(ref[0][i]), where=np.isfinite(ref[0][i]), initial=0.0)) / x_max
+        for kind, a, b, allowance in (("input", ours[0][i], ref[0][i], ATOL_OPERAND * M * c_in),
+                                      ("latents", ours[1][i], ref[1][i], ATOL_OPERAND * M)):
+            finite = np.isfinite(b)
+            if not finite.all():  # diffusers produced inf/nan: we must produce it at the same places
+                assert np.array_equal(np.isfinite(a), finite), f"{what}: non-finite pattern differs at step {i}"
+                a, b = a[finite], b[finite]
+                if b.size == 0:
+                    continue
+            d = float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + allowance / RTOL))
+            worst = max(worst, d)
+            assert d <= RTOL, f"{what}: {kind} at step {i} differ by {d:.2e} (scaled max rel)"
+    assert len(ours[1]) == len(ref[1])
+    print(f"{what}: max scaled rel diff {worst:.2e} over {len(ref[1])} steps")
+
+
+def oracle_config(config: dict) -> dict:
+    """The config diffusers gets: without the algorithm keys our names fix, so that ORACLE's keyword
+    arguments and the class defaults decide them (as make_scheduler does)."""
+    fixed_by_name = {"solver_order", "solver_type", "use_karras_sigmas", "algorithm_type"}
+    return {k: v for k, v in config.items() if k not in fixed_by_name}
+
+
+def check_generation(name: str, config: dict, steps: int, monkeypatch) -> None:
+    """txt2img: set_timesteps, z_T * init_noise_sigma, then every step on both sides."""
+    seed = 7
+    if name == "euler_a":
+        patch_ancestral_noise(monkeypatch, seed)
+    ours, ref = make_scheduler(name, config), diffusers_scheduler(name, oracle_config(config))
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+    if runs_off_the_end(ref):
+        check_repeated_first_timestep(ours, ref)
+        return
+    ref_sigma = float(ref.init_noise_sigma)
+    assert abs(ours.init_noise_sigma - ref_sigma) <= 1e-6 * ref_sigma
+    z = initial_latents()
+    x_ours = z * np.float32(ours.init_noise_sigma)
+    x_ref = (torch.from_numpy(z) * ref.init_noise_sigma).numpy()
+    np.testing.assert_allclose(x_ours, x_ref, rtol=1e-6)
+    assert_trajectories_match(run_ours(ours, x_ours, ours.timesteps, seed),
+                              run_diffusers(ref, x_ref, ref.timesteps), x_ref, f"{name} {steps} steps")
+
+
+def runs_off_the_end(ref) -> bool:
+    """diffusers looks the first timestep up and takes its second copy when it repeats (Karras sigmas
+    rounding to [999, 999, ...]); its last step then indexes past the sigmas and raises IndexError."""
+    ts = ref.timesteps
+    return hasattr(ref, "index_for_timestep") and len(ts) > 1 and bool(ts[0] == ts[1])
+
+
+def check_repeated_first_timestep(ours, ref) -> None:
+    """Same schedule as diffusers; where diffusers cannot finish, ours starts at the first copy and does."""
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6)
+    with pytest.raises(IndexError):
+        run_diffusers(ref, initial_latents() * float(ref.init_noise_sigma), ref.timesteps)
+    _, xs = run_ours(ours, initial_latents() * np.float32(ours.init_noise_sigma), ours.timesteps)
+    assert len(xs) == len(ours.timesteps) and np.all(np.isfinite(xs[-1]))
+
+
+# -- the grid: 7 schedulers x 2 prediction types x 3 spacings x 7 step counts --------------------
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_trajectory_matches_diffusers(name, prediction_type, spacing, steps, monkeypatch):
+    config = dict(SD15, prediction_type=prediction_type, timestep_spacing=spacing)
+    check_generation(name, config, steps, monkeypatch)
+
+
+# -- more configs: SD 1.5's, each class's defaults, and every listed key away from its default ----
+
+ALL = SCHEDULERS
+SIGMA_FINAL = ("euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+CONFIGS = {  # id -> (config, the schedulers whose diffusers class reads what it varies)
+    "sd15": (SD15, ALL),
+    "class_defaults": ({}, ALL),  # each class's own defaults (linear betas, DDIM clip_sample=True, ...)
+    "clip_sample": (dict(SD15, clip_sample=True, clip_sample_range=0.5, set_alpha_to_one=True), ALL),
+    "cosine": ({"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "steps_offset": 1}, ALL),
+    "linear_trailing": ({"beta_schedule": "linear", "timestep_spacing": "trailing"}, ALL),
+    "zero_snr_v": (dict(SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        prediction_type="v_prediction"), ALL),
+    "trained_betas": ({"trained_betas": np.linspace(1e-4, 0.03, 500).tolist(), "num_train_timesteps": 500,
+                       "timestep_spacing": "trailing"}, ALL),
+    "sigma_min_final": (dict(SD15, final_sigmas_type="sigma_min", lower_order_final=False), SIGMA_FINAL),
+    "euler_at_final": (dict(SD15, euler_at_final=True, lower_order_final=False, timestep_spacing="trailing"),
+                       SIGMA_FINAL[1:]),
+    "log_linear": (dict(SD15, interpolation_type="log_linear"), ("euler",)),
+    # an SDXL-style Euler config and a DPM++ Karras order-3 config: the name decides the algorithm
+    "sdxl_euler": (dict(SD15, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
+                        use_karras_sigmas=False, sample_max_value=1.0, timestep_spacing="leading"), ALL),
+    "dpm_karras_cfg": (dict(SD15, _class_name="DPMSolverMultistepScheduler", solver_order=3,
+                            use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_type="heun"), ALL),
+}
+
+
+@pytest.mark.parametrize("steps", [3, 25])
+@pytest.mark.parametrize("name,config_id", [(n, c) for c, (_, names) in CONFIGS.items() for n in names])
+def test_configs_match_diffusers(name, config_id, steps, monkeypatch):
+    check_generation(name, CONFIGS[config_id][0], steps, monkeypatch)
+
+
+@pytest.mark.parametrize("source", sorted({cls for cls, _ in ORACLE.values()}, key=lambda c: c.__name__),
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("saved", [False, True], ids=["in_memory", "saved"])
+def test_full_config_of_any_class_is_accepted(name, source, saved, monkeypatch, tmp_path):
+    # every key of the source class, at SD 1.5's schedule with v-prediction: the in-memory .config
+    # (which lists the keys its class defaulted) or the scheduler_config.json save_config writes
+    sched = source.from_config(dict(SD15, prediction_type="v_prediction"))
+    config = dict(sched.config)
+    if saved:
+        sched.save_config(tmp_path)
+        config = json.loads((tmp_path / "scheduler_config.json").read_text())
+        assert "_use_default_values" not in config and "timestep_spacing" in config
+    check_generation(name, config, 10, monkeypatch)
+
+
+def test_clip_sample_is_active():
+    # the clip_sample case above only tests something if clipping changes DDIM's trajectory
+    z = initial_latents()
+    finals = []
+    for clip in (True, False):
+        s = make_scheduler("ddim", dict(CONFIGS["clip_sample"][0], clip_sample=clip))
+        s.set_timesteps(10)
+        finals.append(run_ours(s, z, s.timesteps)[1][-1])
+    d = rel_diff(finals[0], finals[1])
+    print(f"clip_sample changes the final latents by {d:.2e} (max rel)")
+    assert d > 1e-2
+
+
+@pytest.mark.parametrize("steps", [1, 5, 25])
+@pytest.mark.parametrize("name", SUPPORTS_SAMPLE)
+def test_sample_prediction_matches_diffusers(name, steps, monkeypatch):
+    check_generation(name, dict(SD15, prediction_type="sample", timestep_spacing="trailing"), steps, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+def test_zero_snr_epsilon_matches_diffusers(name, monkeypatch):
+    # the sigma schedulers replace alpha_bar_T = 0 by 2^-24, so epsilon stays finite (DDIM would divide by 0)
+    config = dict(SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    check_generation(name, config, 10, monkeypatch)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_karras_squaredcos_truncates_timesteps(steps):
+    # diffusers skips rounding for squaredcos_cap_v2 and truncates the fractional timesteps to int64
+    config = {"beta_schedule": "squaredcos_cap_v2"}
+    ours, ref = make_scheduler("dpmpp_2m_karras", config), diffusers_scheduler("dpmpp_2m_karras", config)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+    assert runs_off_the_end(ref)
+    check_repeated_first_timestep(ours, ref)
+
+
+# -- the schedule arrays ------------------------------------------------------------------------
+
+def test_linspace_f32_is_torch_linspace():
+    rng = np.random.default_rng(0)
+    mismatches = 0
+    for _ in range(300):
+        start, end = rng.uniform(-3, 3, 2) * 10 ** rng.uniform(-5, 2)
+        num = int(rng.integers(1, 2000))
+        mismatches += int(np.sum(linspace_f32(start, end, num) != torch.linspace(start, end, num).numpy()))
+    print(f"linspace_f32 vs torch.linspace: {mismatches} differing values")
+    assert mismatches == 0
+
+
+@pytest.mark.parametrize("config_id", ["sd15", "class_defaults", "cosine", "trained_betas", "zero_snr_v"])
+def test_alphas_cumprod_match_diffusers(config_id):
+    config = CONFIGS[config_id][0]
+    ours, ref = make_scheduler("ddim", config), DDIMScheduler.from_config(config)
+    a, b = ours.alphas_cumprod, ref.alphas_cumprod.numpy()
+    d = float(np.max(np.abs(a - b) / np.maximum(b, 1e-30)))
+    print(f"{config_id}: alphas_cumprod max rel diff {d:.2e}")
+    if config_id == "zero_snr_v":
+        # torch's float32 sqrt is off by 1 ulp at times (numpy's is correctly rounded), and the rescale
+        # subtracts sqrt(alpha_bar_T), which amplifies that near t = T where alpha_bar -> 0
+        assert d <= 1e-5
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+# -- add_noise, img2img ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_add_noise_matches_diffusers(name):
+    ours, ref = make_scheduler(name, SD15), diffusers_scheduler(name, SD15)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    x0, noise = initial_latents(seed=1), initial_latents(seed=2)
+    worst = 0.0
+    for k in (0, 3, 10, len(ref.timesteps) - 1):
+        t_ref = ref.timesteps[k:k + 1].repeat(2)
+        a = ours.add_noise(x0, noise, ours.timesteps[k:k + 1].repeat(2))
+        b = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t_ref).numpy()
+        worst = max(worst, rel_diff(a, b))
+    print(f"{name}: add_noise max rel diff {worst:.2e}")
+    assert worst <= 1e-6
+
+
+@functools.cache
+def diffusers_get_timesteps():
+    """StableDiffusionImg2ImgPipeline.get_timesteps, diffusers' own code, without importing the pipeline
+    module (it pulls in transformers, seconds of import for four lines we need)."""
+    path = Path(diffusers.__file__).parent / "pipelines" / "stable_diffusion" / "pipeline_stable_diffusion_img2img.py"
+    tree = ast.parse(path.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_timesteps")
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["get_timesteps"]
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.75), (25, 0.3), (25, 1.0)])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_img2img_matches_diffusers(name, steps, strength, monkeypatch):
+    """get_timesteps' tail, the begin index it sets, add_noise at the first kept step, then every step."""
+    seed = 7
+    if name == "euler_a":
+        patch_ancestral_noise(monkeypatch, seed)
+    ours, ref = make_scheduler(name, SD15), diffusers_scheduler(name, SD15)
+    ts = ours.img2img_timesteps(steps, strength)
+    ref.set_timesteps(steps)
+    ref_ts, _ = diffusers_get_timesteps()(types.SimpleNamespace(scheduler=ref), steps, strength, "cpu")
+    np.testing.assert_array_equal(ts, ref_ts.numpy().astype(np.float32))
+    x0, noise = initial_latents(seed=1), initial_latents(seed=2)
+    x_ours = ours.add_noise(x0, noise, ts[:1].repeat(2))
+    x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref_ts[:1].repeat(2)).numpy()
+    assert rel_diff(x_ours, x_ref) <= 1e-6
+    assert_trajectories_match(run_ours(ours, x_ours, ts, seed), run_diffusers(ref, x_ref, ref_ts), x_ref,
+                              f"img2img {name} {steps} steps strength {strength}")
+
+
+# -- the API's edges and errors ------------------------------------------------------------------
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        make_scheduler("lms", SD15)
+    assert "'lms'" in str(e.value) and all(n in str(e.value) for n in SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("key,value", [
+    ("beta_schedule", "foo"), ("prediction_type", "bar"), ("timestep_spacing", "middle"),
+    ("final_sigmas_type", "max"), ("interpolation_type", "cubic"), ("clip_sample", "yes"),
+    ("num_train_timesteps", 0), ("steps_offset", -1), ("beta_start", "small"),
+])
+def test_bad_config_value_names_key_and_value(name, key, value):
+    with pytest.raises(ValueError) as e:
+        make_scheduler(name, dict(SD15, **{key: value}))
+    assert key in str(e.value) and repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("pndm", "prediction_type", "sample"),  # diffusers' PNDM has no x_0 parameterization
+    ("euler_a", "prediction_type", "sample"),
+    ("ddim", "thresholding", True),
+    ("dpmpp_2m", "variance_type", "learned_range"),
+    ("unipc", "use_flow_sigmas", True),
+    ("euler", "timestep_type", "continuous"),
+])
+def test_unsupported_value_for_this_scheduler_raises(name, key, value):
+    with pytest.raises(ValueError) as e:
+        make_scheduler(name, dict(SD15, **{key: value}))
+    assert key in str(e.value) and repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["euler", "pndm"])
+def test_keys_of_other_classes_are_ignored(name):
+    # thresholding is DDIM's, clip_sample is not PNDM's or Euler's: both ignore them, as from_config does
+    config = dict(SD15, thresholding=True, clip_sample=True, foo_bar=3)
+    ours, ref = make_scheduler(name, config), diffusers_scheduler(name, config)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+    z = initial_latents()
+    assert_trajectories_match(run_ours(ours, z, ours.timesteps), run_diffusers(ref, z, ref.timesteps), z,
+                              f"{name} with foreign keys")
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_step_before_set_timesteps_and_bad_steps(name):
+    s = make_scheduler(name, SD15)
+    x = initial_latents()
+    with pytest.raises(RuntimeError):
+        s.step(x, 999.0, x)
+    for bad in (0, 1001, 2.5):
+        with pytest.raises(ValueError):
+            s.set_timesteps(bad)
+
+
+def test_runtime_does_not_import_torch():
+    code = "import sys, ldm_runtime.schedulers; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
