@@ -205,3 +205,16 @@ def test_neither_kind_is_refused(tmp_path):
         load_models(tmp_path)
     with pytest.raises(CheckpointError, match="not a folder"):
         load_models(tmp_path / "nope")
+
+
+def test_outdated_scheduler_config_is_fixed_like_diffusers(diffusers_dir, tmp_path):
+    """StableDiffusionPipeline rewrites steps_offset and clip_sample on load; so do we."""
+    from diffusers import StableDiffusionPipeline
+
+    d = _copy(diffusers_dir[2], tmp_path)
+    cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+    cfg.update(steps_offset=0, clip_sample=True)
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    ours = load_models(d).scheduler_config
+    theirs = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False).scheduler.config
+    assert (ours["steps_offset"], ours["clip_sample"]) == (theirs["steps_offset"], theirs["clip_sample"]) == (1, False)

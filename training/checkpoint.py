@@ -309,9 +309,25 @@ def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
     return LatentDiffusion(
         unet=unet, vae=vae, text_encoder=text,
         tokenizer_dir=_tokenizer_dir(root / "tokenizer"), tokenizer_config=_tokenizer_config(root / "tokenizer"),
-        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
+        scheduler_config=_sd_scheduler_fixups(_read_json(root / "scheduler" / "scheduler_config.json")),
         default_size=(h * f, w * f), source_kind="diffusers",
     )
+
+
+def _sd_scheduler_fixups(cfg: dict) -> dict:
+    """The two rewrites ``StableDiffusionPipeline.__init__`` applies to outdated scheduler configs.
+
+    diffusers forces ``steps_offset=1`` and ``clip_sample=False`` when it loads such a folder, so
+    the same folder must give the same schedule here to give the same images.
+    """
+    cfg = dict(cfg)
+    if cfg.get("steps_offset", 1) != 1:
+        log.warning("scheduler config has steps_offset=%s; using 1, as diffusers' StableDiffusionPipeline does", cfg["steps_offset"])
+        cfg["steps_offset"] = 1
+    if cfg.get("clip_sample") is True:
+        log.warning("scheduler config has clip_sample=True; using False, as diffusers' StableDiffusionPipeline does")
+        cfg["clip_sample"] = False
+    return cfg
 
 
 def _mapped(mapper, path: Path):
