@@ -3,6 +3,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
+DEMO_CKPT ?= engines/default
+DEMO_BUNDLE ?= engines/default-bundle
+DEMO_PROMPT ?= a large red circle in the center on a blue background
+DEMO_OUT ?= engines/demo.png
+
 .PHONY: install test demo typecheck clean
 
 $(STAMP): pyproject.toml
@@ -17,6 +22,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# export the shipped checkpoint (once, or again when it changed), then generate with the torch-free runtime
+demo: $(STAMP)
+	@test -f $(DEMO_BUNDLE)/manifest.json -a $(DEMO_BUNDLE)/manifest.json -nt $(DEMO_CKPT)/ldm_checkpoint.json || \
+		$(VENV)/bin/ldm export $(DEMO_CKPT) $(DEMO_BUNDLE) --precision fp32
+	$(VENV)/bin/ldm generate $(DEMO_BUNDLE) "$(DEMO_PROMPT)" --seed 0 --out $(DEMO_OUT)
+
+typecheck: $(STAMP)
+	$(PY) -m pytest -q tests/test_tensorrt.py -k mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

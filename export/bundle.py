@@ -1,0 +1,223 @@
+"""The bundle: ONNX files + tokenizer + ``manifest.json``, built beside OUT and moved in whole.
+
+Everything is written into ``OUT.tmp-<pid>-XXXX`` next to OUT; the manifest is written last
+(and atomically), then the folder is renamed into place. An existing OUT is replaced only if it
+is a bundle (a manifest of our schema): it is renamed away, the new one renamed in, the old one
+deleted. A failed export (any exception) removes its temporary folder; one killed outright
+leaves only a ``.tmp-<pid>-`` folder without a manifest, swept by the next export to that OUT.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ldm_runtime.manifest import COMPONENTS, MANIFEST_NAME, SCHEMA, atomic_write_json, new_manifest, record_file
+
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, OPSET, ExportResult, export_component
+from .specs import dims_from_models
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+_TMP_RE = re.compile(r"\.tmp-(\d+)-[^/]*$")
+
+
+class ExportError(ValueError):
+    """Bad input to an export: unknown components, an OUT that is not a bundle, a bad SRC."""
+
+
+def parse_components(components: str | Iterable[str]) -> tuple[str, ...]:
+    """Validate component names (comma-separated string or iterable); canonical order, no repeats."""
+    names = [c.strip() for c in (components.split(",") if isinstance(components, str) else components)]
+    names = [c for c in names if c]
+    bad = [c for c in names if c not in COMPONENTS]
+    if bad:
+        raise ExportError(f"unknown component(s) {', '.join(map(repr, bad))}; valid components are {', '.join(COMPONENTS)}")
+    if not names:
+        raise ExportError(f"no components given; valid components are {', '.join(COMPONENTS)}")
+    return tuple(c for c in COMPONENTS if c in names)
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a manifest of our schema (any schema version)."""
+    m = Path(path) / MANIFEST_NAME
+    try:
+        data = json.loads(m.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """Refuse an OUT that exists and is not a bundle (never overwrite unrelated files)."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and is_bundle(out)):
+        raise ExportError(f"{out}: exists and is not a bundle (no {MANIFEST_NAME} of schema {SCHEMA!r}); "
+                          f"refusing to overwrite it")
+    return out
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove temporary folders of earlier exports to ``out`` whose process is gone."""
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        m = _TMP_RE.search(p.name)
+        if not (m and p.is_dir()) or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        log.info("removed %s left by an export that did not finish", p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import ldm_runtime
+
+    v = {"ldm_runtime": ldm_runtime.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0],
+         "exporter": "torch.onnx.export (TorchScript, dynamo=False)"}
+    try:
+        import onnxscript
+
+        v["onnxscript"] = onnxscript.__version__
+    except ImportError:  # pragma: no cover - a dependency of the export extra
+        pass
+    return v
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str, ExportResult],
+                   dims, tokenizer_files: Sequence[str]) -> dict[str, Any]:
+    """The manifest of the bundle being built in ``root`` (files hashed from disk)."""
+    man = new_manifest()
+    vae = ld.vae_config
+    tc = ld.tokenizer_config
+    man.update({
+        "producer": {**man["producer"], **_versions()},
+        "source": {"kind": ld.source_kind, "name": src.resolve().name},
+        "precision": precision,
+        "opset": max((r.opset for r in results.values()), default=OPSET),
+        "latent": {"channels": dims.latent_channels, "scaling_factor": float(vae.scaling_factor),
+                   "shift_factor": float(vae.shift_factor or 0.0), "vae_scale_factor": dims.vae_scale_factor},
+        "default_size": {"height": int(ld.default_size[0]), "width": int(ld.default_size[1])},
+        "text": {"max_length": dims.max_length, "hidden_size": dims.hidden_size},
+        "tokenizer": {"vocab": tokenizer_files[0], "merges": tokenizer_files[1],
+                      "model_max_length": int(tc.get("model_max_length", dims.max_length)),
+                      "pad_token": tc.get("pad_token"), "bos_token": tc.get("bos_token"),
+                      "eos_token": tc.get("eos_token")},
+        "scheduler": {"name": ld.scheduler_name, "config": dict(ld.scheduler_config)},
+    })
+    man["components"] = {c: r.manifest_entry() for c, r in results.items()}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            record_file(man, root, p.relative_to(root).as_posix())
+    return man
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        check_out(out)  # still a bundle? (someone may have written there meanwhile)
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / out.name, out)  # put the old bundle back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    try:  # make the rename durable
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str = "fp32",
+                  components: str | Iterable[str] = COMPONENTS, *, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
+                  opset: int = OPSET, size: tuple[int, int] | None = None, models=None) -> Path:
+    """Export the models of ``src`` (a checkpoint or diffusers folder) to the bundle ``out``.
+
+    precision: "fp32" or "fp16". components: the subset to export (names or "a,b,c").
+    threshold_bytes: models with more weight bytes are saved with one external data file.
+    size: (height, width) in pixels at which models are traced and checked (default: the
+    model's default size). models: an already loaded ``LatentDiffusion`` for ``src`` (tests).
+    Returns the bundle path. Raises ``ExportError`` for bad input, ``ParityError`` when a model
+    fails its gate; in both cases nothing is left at ``out`` (an existing bundle stays as it was).
+    """
+    from training.checkpoint import detect_kind, load_models
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    comps = parse_components(components)
+    out = check_out(Path(out)).absolute()
+    src = Path(src)
+    if models is None:
+        detect_kind(src)  # one clear CheckpointError for a folder of neither kind, before any work
+        models = load_models(src)
+    ld = models
+    dims = dims_from_models(ld)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    log.info("exporting %s (%s) to %s as %s, building in %s", src, ld.source_kind, out, precision, tmp.name)
+    try:
+        results = {}
+        for c in comps:
+            results[c] = export_component(c, ld, tmp, dims, precision, opset=opset,
+                                          threshold_bytes=threshold_bytes, size=size)
+        tok = tmp / "tokenizer"
+        tok.mkdir()
+        names = []
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(Path(ld.tokenizer_dir) / name, tok / name)
+            names.append(f"tokenizer/{name}")
+        _fsync_tree(tmp)
+        manifest = build_manifest(ld, src, tmp, precision, results, dims, names)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)  # last: without it the folder is not a bundle
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written: %s (%d files)", out, len(manifest["files"]))
+    return out

@@ -1,0 +1,94 @@
+"""``ldm export``: parse arguments, call ``export.bundle.export_bundle``, report one line on failure.
+
+``ldm build-engines`` lives in ``export.tensorrt``; ``build_engines_main`` here only forwards to it,
+so the ``ldm`` dispatcher finds both commands in this module.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ldm_runtime.manifest import COMPONENTS, BundleError
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        h, _, w = s.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {s!r}") from None
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump; the caller turns it into an exit code
+        raise _ArgError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ldm export", description="Export a checkpoint or diffusers folder to an ONNX bundle.")
+    p.add_argument("src", help="our checkpoint folder or a diffusers pipeline folder")
+    p.add_argument("out", help="the bundle folder to write (an existing bundle is replaced)")
+    p.add_argument("--precision", default="fp32", help="fp32 or fp16 (default fp32)")
+    p.add_argument("--components", default=",".join(COMPONENTS),
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
+    p.add_argument("--threshold-bytes", type=int, default=None,
+                   help="save models with more weight bytes than this with external data (default 2e9, 2 GB)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="HEIGHTxWIDTH in pixels where models are traced and checked (default: the model's default size)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``ldm export SRC OUT [...]``; returns the exit status (0 ok, 1 failed export, 2 bad arguments)."""
+    from training.checkpoint import CheckpointError
+
+    from .bundle import ExportError, export_bundle
+    from .onnx_export import EXTERNAL_DATA_THRESHOLD, ParityError
+    from .specs import ProfileError
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except _ArgError as e:
+        print(f"ldm export: error: {e} (see ldm export --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    _setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        out = export_bundle(args.src, args.out, precision=args.precision, components=args.components,
+                            threshold_bytes=args.threshold_bytes if args.threshold_bytes is not None else EXTERNAL_DATA_THRESHOLD,
+                            size=args.size)
+    except ParityError as e:
+        print(f"ldm export: parity check failed, no bundle written: {e}", file=sys.stderr)
+        return 1
+    except (ExportError, CheckpointError, ProfileError, BundleError) as e:
+        print(f"ldm export: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _setup_logging(level: int) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+    root.setLevel(level)
+    # the graph passes log every merged initializer at INFO
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def build_engines_main(argv: list[str] | None = None) -> int:
+    """``ldm build-engines BUNDLE [...]`` (see ``export.tensorrt``)."""
+    from .tensorrt import build_engines_main as main
+
+    return int(main(argv))

@@ -1,0 +1,167 @@
+"""One export spec per component: the single description that drives the ONNX export, the
+parity gate's sample inputs, the manifest's inputs/outputs and the TensorRT shape profile.
+
+Symbolic dimensions: "B" batch, "h"/"w" latent height/width, "H"/"W" image height/width.
+The text length is fixed (77 for CLIP). Sizes given to ``profile`` are in pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ldm_runtime.manifest import COMPONENTS, TensorSpec
+
+
+class ProfileError(ValueError):
+    """A size or batch range that the models cannot take."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few numbers the specs need, read from the model configs (see ``dims_from_models``)."""
+
+    latent_channels: int = 4
+    unet_in_channels: int = 4
+    unet_out_channels: int = 4
+    vae_scale_factor: int = 8
+    hidden_size: int = 768
+    max_length: int = 77
+    vocab_size: int = 49408
+    image_channels: int = 3
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Names, dtypes and shapes of one component's inputs and outputs (fp32 export types)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_mult: int = 1  # the runtime calls the U-Net (and text encoder) on [uncond, cond] batches
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export``'s ``dynamic_axes``: every symbolic dim of every input and output."""
+        return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in (*self.inputs, *self.outputs)}
+
+    def concrete_shapes(self, batch: int, height: int, width: int, f: int) -> dict[str, tuple[int, ...]]:
+        """Every input's shape at ``batch`` and an image of ``height`` x ``width`` pixels."""
+        if height % f or width % f:
+            raise ProfileError(f"{self.name}: image size {height}x{width} is not a multiple of the VAE factor {f}")
+        bind = {"B": batch, "H": height, "W": width, "h": height // f, "w": width // f}
+        return {s.name: tuple(bind[d] if isinstance(d, str) else d for d in s.shape) for s in self.inputs}
+
+
+def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
+    """The spec of ``name`` (one of ``COMPONENTS``) for models of the given ``dims``."""
+    f32 = "float32"
+    L, D, C = dims.max_length, dims.hidden_size, dims.latent_channels
+    if name == "text_encoder":
+        return ComponentSpec(name, (TensorSpec("input_ids", "int64", ("B", L)),),
+                             (TensorSpec("last_hidden_state", f32, ("B", L, D)),), batch_mult=2)
+    if name == "unet":
+        return ComponentSpec(
+            name,
+            (TensorSpec("sample", f32, ("B", dims.unet_in_channels, "h", "w")),
+             TensorSpec("timestep", f32, ("B",)),
+             TensorSpec("encoder_hidden_states", f32, ("B", L, D))),
+            (TensorSpec("out_sample", f32, ("B", dims.unet_out_channels, "h", "w")),),
+            batch_mult=2,
+        )
+    if name == "vae_decoder":
+        return ComponentSpec(name, (TensorSpec("latent", f32, ("B", C, "h", "w")),),
+                             (TensorSpec("image", f32, ("B", dims.image_channels, "H", "W")),))
+    if name == "vae_encoder":
+        return ComponentSpec(name, (TensorSpec("image", f32, ("B", dims.image_channels, "H", "W")),),
+                             (TensorSpec("mean", f32, ("B", C, "h", "w")), TensorSpec("logvar", f32, ("B", C, "h", "w"))))
+    raise ValueError(f"unknown component {name!r}; expected one of {', '.join(COMPONENTS)}")
+
+
+def specs_for(dims: ModelDims, components: tuple[str, ...] = COMPONENTS) -> dict[str, ComponentSpec]:
+    return {c: component_spec(c, dims) for c in components}
+
+
+def dims_from_models(ld) -> ModelDims:
+    """``ModelDims`` from a ``training.checkpoint.LatentDiffusion`` (its three configs)."""
+    u, v, t = ld.unet_config, ld.vae_config, ld.text_config
+    L = int(ld.tokenizer_config.get("model_max_length", t.max_position_embeddings))
+    if L > t.max_position_embeddings:
+        raise ProfileError(f"tokenizer model_max_length {L} exceeds the text encoder's "
+                           f"max_position_embeddings {t.max_position_embeddings}")
+    return ModelDims(
+        latent_channels=int(v.latent_channels),
+        unet_in_channels=int(getattr(u, "in_channels", v.latent_channels)),
+        unet_out_channels=int(getattr(u, "out_channels", v.latent_channels)),
+        vae_scale_factor=int(v.spatial_factor),
+        hidden_size=int(t.hidden_size),
+        max_length=L,
+        vocab_size=int(getattr(t, "vocab_size", 49408)),
+        image_channels=int(getattr(v, "in_channels", 3)),
+    )
+
+
+def sample_inputs(spec: ComponentSpec, dims: ModelDims, batch: int, height: int, width: int,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic sample inputs (numpy, fp32/int64) for export tracing and parity checks.
+
+    Values are drawn where each input lives in practice: latents ~ N(0, 1), images in [-1, 1],
+    timesteps spread over [0, 1000), token ids over the vocabulary with BOS first and EOS/pad
+    at the end (CLIP reads the pooled token at the argmax id, so keep the real EOS the largest).
+    """
+    rng = np.random.default_rng(seed)
+    shapes = spec.concrete_shapes(batch, height, width, dims.vae_scale_factor)
+    out: dict[str, np.ndarray] = {}
+    for s in spec.inputs:
+        shape = shapes[s.name]
+        if s.name == "input_ids":
+            ids = rng.integers(1, max(2, dims.vocab_size - 2), size=shape, dtype=np.int64)
+            ids[:, 0] = dims.vocab_size - 2  # BOS
+            n = max(2, dims.max_length // 3)
+            ids[:, n:] = dims.vocab_size - 1  # EOS, then padding with the same id
+            out[s.name] = ids
+        elif s.name == "timestep":
+            out[s.name] = np.sort(rng.uniform(0.0, 999.0, size=shape)).astype(np.float32)[::-1].copy()
+        elif s.name == "image":
+            out[s.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        else:
+            out[s.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def profile(spec: ComponentSpec, f: int, min_size: int = 256, max_size: int = 1024, max_batch: int = 4,
+            opt_size: tuple[int, int] | None = None, opt_batch: int = 1) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes of every input of ``spec`` for an engine build.
+
+    Sizes are image pixels (both sides range over [min_size, max_size]) and must be multiples
+    of the VAE factor ``f``; batches are per prompt and are doubled for components that the
+    runtime calls on [uncond, cond] batches (``spec.batch_mult``). The minimum batch stays 1 so
+    that guidance_scale <= 1 (no unconditional pass) still fits.
+    Returns ``{input_name: {"min": shape, "opt": shape, "max": shape}}``.
+    """
+    oh, ow = opt_size if opt_size is not None else (min(max(512, min_size), max_size),) * 2
+    for what, v in (("min_size", min_size), ("max_size", max_size), ("opt height", oh), ("opt width", ow)):
+        if v <= 0 or v % f:
+            raise ProfileError(f"{spec.name}: {what} {v} must be a positive multiple of the VAE factor {f}")
+    if not min_size <= oh <= max_size or not min_size <= ow <= max_size:
+        raise ProfileError(f"{spec.name}: expected min_size <= opt size <= max_size, got {min_size} <= {oh}x{ow} <= {max_size}")
+    if max_batch < 1 or not 1 <= opt_batch <= max_batch:
+        raise ProfileError(f"{spec.name}: expected 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
+    m = spec.batch_mult
+    mins = spec.concrete_shapes(1, min_size, min_size, f)
+    opts = spec.concrete_shapes(opt_batch * m, oh, ow, f)
+    maxs = spec.concrete_shapes(max_batch * m, max_size, max_size, f)
+    return {n: {"min": list(mins[n]), "opt": list(opts[n]), "max": list(maxs[n])} for n in spec.input_names}
+
+
+def with_dtypes(specs: tuple[TensorSpec, ...], dtypes: Mapping[str, str]) -> tuple[TensorSpec, ...]:
+    """The same specs with dtypes replaced (e.g. by the types an fp16 graph really declares)."""
+    return tuple(TensorSpec(s.name, dtypes.get(s.name, s.dtype), s.shape) for s in specs)
