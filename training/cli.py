@@ -1,0 +1,65 @@
+"""`ldm train vae|unet --key=value ... [--resume]`: thin argument handling over train_vae / train_unet.
+
+Works under torchrun too: `torchrun --nproc_per_node 2 -m training.cli train unet ...`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from training.common import ConfigError
+
+logger = logging.getLogger(__name__)
+
+USAGE = """usage: ldm train {vae,unet} [--key=value ...] [--resume]
+
+  ldm train vae  --out_dir=runs/vae  --max_steps=3000
+  ldm train unet --out_dir=runs/unet --vae=runs/vae/vae --max_steps=20000
+  ldm train vae|unet --help          list every option with its default
+
+Every option is a field of VAETrainConfig (training/train_vae.py) or UNetTrainConfig
+(training/train_unet.py); --resume continues from OUT_DIR/train_state.safetensors."""
+
+
+def _help(cls: type) -> str:
+    import dataclasses
+    return "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # `python -m training.cli train vae ...`
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage not in ("vae", "unet"):
+        print(f"ldm train: unknown stage {stage!r}; expected 'vae' or 'unet'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from training.data import DatasetError
+    cls: type
+    train: Callable[..., dict]
+    if stage == "vae":
+        from training import train_vae
+        cls, train = train_vae.VAETrainConfig, train_vae.train
+    else:
+        from training import train_unet
+        cls, train = train_unet.UNetTrainConfig, train_unet.train
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"ldm train {stage} options (defaults):\n{_help(cls)}\n  --resume")
+        return 0
+    try:
+        from training.common import parse_config
+        cfg, resume = parse_config(cls, rest)
+        train(cfg, resume=resume)
+    except (ConfigError, DatasetError) as e:
+        print(f"ldm train {stage}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

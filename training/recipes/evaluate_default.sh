@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Prompt adherence of the shipped model: guidance 1, 3 and 7.5 on 64 prompts with training combinations
+# (the validation split) and 64 with held-out combinations; 20 DDIM steps (the checkpoint's scheduler).
+# Writes engines/default/../ (runs/default/eval.json) and sample grids under runs/default/eval/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+CKPT=${CKPT:-engines/default}
+OUT=${OUT:-runs/default/eval}
+mkdir -p "$OUT"
+OMP_NUM_THREADS=${THREADS:-1} $PY -c "
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from training.train_unet import evaluate_checkpoint
+r = evaluate_checkpoint('$CKPT', n=${N:-64}, steps=${STEPS:-20}, out_dir='$OUT')
+open('$OUT/eval.json', 'w').write(json.dumps(r, indent=2))
+print(json.dumps(r, indent=2))
+"
