@@ -1,0 +1,524 @@
+"""``ldm bench BUNDLE``: where the runtime's time goes, end to end, and what start-up and memory cost.
+
+Measured (medians over ``--repeats`` runs after ``--warmup`` runs):
+
+- per component: the text encoder on one prompt, one U-Net step at batch 2B (guided) and at B,
+  the VAE decode; at the bundle's default size and at each ``--sizes`` entry;
+- end to end: seconds per image at each of ``--steps`` (guided, ``output_type="np"``), and at the
+  fewest steps for each extra size;
+- the runtime's own overhead: end to end minus the time spent inside the inference library
+  (every engine's session is wrapped with a clock), in seconds and as a percentage;
+- start-up, in fresh subprocesses: ``import ldm_runtime``, importing the pipeline with its
+  inference library, loading the bundle and opening its engines; and the peak RSS of a
+  subprocess that loads the bundle and generates one image.
+
+Writes ``bench.json``, ``bench.md`` and ``bench.png`` (when matplotlib is importable) into
+``--out``, and prints the markdown. torch-free: it measures the runtime only; the diffusers peer
+is ``bench/compare_diffusers.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "a red circle on a blue background"
+TIMED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+# ---------------------------------------------------------------------------------------------
+# the clock inside the engines
+
+
+class EngineClock:
+    """Seconds and calls spent inside each component's inference library since the last ``reset``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def add(self, component: str, seconds: float) -> None:
+        self.seconds[component] = self.seconds.get(component, 0.0) + seconds
+        self.calls[component] = self.calls.get(component, 0) + 1
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class _TimedCall:
+    """Wraps one object's methods: each call's wall time goes to ``clock`` under ``component``."""
+
+    def __init__(self, target: Any, clock: EngineClock, component: str, methods: tuple[str, ...]):
+        self._target, self._clock, self._component = target, clock, component
+        for name in methods:
+            if hasattr(target, name):
+                setattr(self, name, self._timed(getattr(target, name)))
+
+    def _timed(self, fn: Callable) -> Callable:
+        clock, component = self._clock, self._component
+
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock.add(component, time.perf_counter() - t0)
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def instrument(pipe: Any, components: tuple[str, ...] = TIMED_COMPONENTS) -> EngineClock:
+    """Open ``components`` of ``pipe`` and clock the time spent inside their inference library.
+
+    An engine with an onnxruntime ``session`` gets the session wrapped (so the clock holds
+    onnxruntime's own time, not our feed checks); any other engine is wrapped whole.
+    """
+    clock = EngineClock()
+    opener = getattr(pipe, "open_engines", None)
+    if opener is not None:
+        opener(components)
+    for c in components:
+        eng = pipe.engine(c)
+        session = getattr(eng, "session", None)
+        if session is not None and hasattr(session, "run"):
+            eng.session = _TimedCall(session, clock, c, ("run", "run_with_iobinding"))
+        else:
+            pipe.engines[c] = _TimedCall(eng, clock, c, ("run",))
+    return clock
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def repeat(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def component_feeds(pipe: Any, height: int, width: int, batch: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Random inputs of the right shapes for one call of each timed component."""
+    rng = np.random.default_rng(seed)
+    c, f = pipe.latent_channels, pipe.vae_scale_factor
+    L, D = pipe.manifest.text_max_length, pipe.manifest.text_hidden_size
+    lat = lambda b: rng.standard_normal((b, c, height // f, width // f), dtype=np.float32)  # noqa: E731
+    return {
+        "text_encoder": {"input_ids": pipe.tokenizer([PROMPT])},
+        "unet_2B": {"sample": lat(2 * batch), "timestep": np.full((2 * batch,), 500.0, np.float32),
+                    "encoder_hidden_states": rng.standard_normal((2 * batch, L, D), dtype=np.float32)},
+        "unet_B": {"sample": lat(batch), "timestep": np.full((batch,), 500.0, np.float32),
+                   "encoder_hidden_states": rng.standard_normal((batch, L, D), dtype=np.float32)},
+        "vae_decoder": {"latent": lat(batch)},
+    }
+
+
+def time_components(pipe: Any, clock: EngineClock, height: int, width: int, repeats: int, warmup: int,
+                    batch: int = 1) -> dict[str, dict[str, Any]]:
+    """Median seconds inside the library for one call of each component at ``height`` x ``width``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, feeds in component_feeds(pipe, height, width, batch).items():
+        comp = "unet" if key.startswith("unet") else key
+        eng = pipe.engine(comp)
+        dtypes = {s.name: s.dtype for s in eng.inputs}
+        feeds = {k: v.astype(dtypes[k]) for k, v in feeds.items()}
+        for _ in range(warmup):
+            eng.run(feeds)
+        runs = []
+        for _ in range(repeats):
+            clock.reset()
+            eng.run(feeds)
+            runs.append(clock.seconds[comp])
+        rows[key] = {"batch": int(next(iter(feeds.values())).shape[0]), "median_s": _median(runs), "runs_s": runs}
+    return rows
+
+
+def time_end_to_end(pipe: Any, clock: EngineClock, steps: int, height: int, width: int, repeats: int, warmup: int,
+                    guidance_scale: float = 7.5, prompt: str = PROMPT, seed: int = 0,
+                    scheduler: str | None = None) -> dict[str, Any]:
+    """One image at ``steps``: medians of wall time, time inside the engines and the difference."""
+    def call():
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                    seed=seed, scheduler=scheduler, output_type="np")
+
+    for _ in range(warmup):
+        call()
+    wall, inside, per_comp = [], [], []
+    for _ in range(repeats):
+        clock.reset()
+        t0 = time.perf_counter()
+        call()
+        wall.append(time.perf_counter() - t0)
+        inside.append(clock.total)
+        per_comp.append(dict(clock.seconds))
+    overhead = [w - e for w, e in zip(wall, inside)]
+    med_wall = _median(wall)
+    return {"steps": steps, "height": height, "width": width, "guidance_scale": guidance_scale,
+            "seconds": med_wall, "engine_seconds": _median(inside), "overhead_seconds": _median(overhead),
+            "overhead_pct": 100.0 * _median([o / w for o, w in zip(overhead, wall)]),
+            "overhead_per_step_ms": 1e3 * _median(overhead) / steps,
+            "engine_calls": dict(clock.calls), "engine_seconds_by_component": {
+                k: _median([p.get(k, 0.0) for p in per_comp]) for k in per_comp[0]} if per_comp else {},
+            "runs_s": wall}
+
+
+# What a fresh process pays before its first image: imports, manifest, engines; then one image for
+# the peak RSS. Runs as ``python -c`` so that nothing is imported before the clock starts.
+_STARTUP_CHILD = r"""
+import json, sys, time
+def peak_rss_mb():
+    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t0 = time.perf_counter()
+import ldm_runtime
+t1 = time.perf_counter()
+import onnxruntime
+from ldm_runtime.pipeline import Pipeline
+t2 = time.perf_counter()
+args = json.loads(sys.argv[1])
+pipe = Pipeline.load(args["bundle"], **args["engine_options"])
+pipe.open_engines(("text_encoder", "unet", "vae_decoder"))
+t3 = time.perf_counter()
+out = {"import_ldm_runtime_s": t1 - t0, "import_pipeline_s": t2 - t1, "load_s": t3 - t2, "import_plus_load_s": t3 - t0,
+       "rss_after_load_mb": peak_rss_mb()}
+if args["steps"]:
+    pipe(args["prompt"], num_inference_steps=args["steps"], guidance_scale=args["guidance_scale"], seed=0,
+         output_type="np")
+    out["first_image_s"] = time.perf_counter() - t3
+out["peak_rss_mb"] = peak_rss_mb()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_child(code: str, args: dict, timeout: float = 600.0, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter with ``json.dumps(args)`` as argv[1]; parse its ``RESULT`` line."""
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark subprocess failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def time_startup(bundle: str | os.PathLike, engine_options: dict, repeats: int, steps: int = 1,
+                 guidance_scale: float = 7.5) -> dict[str, Any]:
+    """Start-up times (medians over ``repeats`` fresh processes, after one to warm the file cache) and peak RSS."""
+    args = {"bundle": str(bundle), "engine_options": engine_options, "steps": steps, "prompt": PROMPT,
+            "guidance_scale": guidance_scale}
+    run_child(_STARTUP_CHILD, args)  # warm the page cache: we time start-up, not the disk
+    runs = [run_child(_STARTUP_CHILD, args) for _ in range(repeats)]
+    out: dict[str, Any] = {k: _median([r[k] for r in runs]) for k in runs[0]}
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["runs"] = runs
+    out["generate_steps"] = steps
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+@dataclass
+class BenchConfig:
+    bundle: str
+    steps: tuple[int, ...] = (10, 30, 50)
+    sizes: tuple[tuple[int, int], ...] = ()  # extra sizes besides the bundle's default
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    opt_level: str = "all"
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    startup: bool = True  # the fresh-process measurements (import, load, peak RSS)
+    negative_cache: bool = True  # False: encode the negative prompt on every call (the cache's "before")
+    engine_options: dict = field(default_factory=dict)  # extra onnxruntime options (arena, ...)
+
+    def options(self) -> dict:
+        opts = {"opt_level": self.opt_level, **self.engine_options}
+        if self.threads is not None:
+            opts["threads"] = self.threads
+        return opts
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, load, library versions and the date: what a figure needs beside it."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version(), "numpy": np.__version__,
+                            "ldm_runtime": __version__,
+                            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    try:
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Every measurement of ``ldm bench`` for ``cfg``; returns the JSON-able result."""
+    from .pipeline import Pipeline, files_in_use
+
+    result: dict[str, Any] = {"bundle": str(cfg.bundle), "config": asdict(cfg), "machine": machine_info()}
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(cfg.bundle, **cfg.options())
+    if not cfg.negative_cache:
+        from .guidance import EmbeddingCache
+
+        pipe.negative_cache = EmbeddingCache(0)
+    clock = instrument(pipe)
+    result["load_in_process_s"] = time.perf_counter() - t0
+    man = pipe.manifest
+    used = files_in_use(man, pipe.required_components, pipe.backend, pipe.device, cfg.options().get("cpu_variant", True))
+    result["engine_options"] = cfg.options()
+    result["bundle_info"] = {"sha256": man.sha256[:16], "precision": man.precision, "scheduler": pipe.scheduler_name,
+                             "default_size": list(man.default_size), "graphs": [f for f in used if f.endswith(".onnx")],
+                             "bytes_read": sum(int(man.data["files"][f].get("bytes", 0)) for f in used)}
+    default = man.default_size
+    sizes = [default] + [s for s in cfg.sizes if tuple(s) != tuple(default)]
+    result["components"] = {}
+    for h, w in sizes:
+        log(f"components at {h}x{w}")
+        result["components"][f"{h}x{w}"] = time_components(pipe, clock, h, w, cfg.repeats, cfg.warmup)
+    result["end_to_end"] = []
+    for s in cfg.steps:
+        log(f"end to end, {s} steps at {default[0]}x{default[1]}")
+        result["end_to_end"].append(time_end_to_end(pipe, clock, s, *default, cfg.repeats, cfg.warmup,
+                                                    cfg.guidance_scale, scheduler=cfg.scheduler))
+    for h, w in sizes[1:]:
+        s = min(cfg.steps)
+        log(f"end to end, {s} steps at {h}x{w}")
+        result["end_to_end"].append(time_end_to_end(pipe, clock, s, h, w, cfg.repeats, cfg.warmup,
+                                                    cfg.guidance_scale, scheduler=cfg.scheduler))
+    if cfg.startup:
+        log("start-up and peak RSS in fresh processes")
+        result["startup"] = time_startup(cfg.bundle, cfg.options(), cfg.repeats, steps=min(cfg.steps),
+                                         guidance_scale=cfg.guidance_scale)
+    result["machine"]["loadavg_1m_end"] = machine_info().get("loadavg_1m")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+def _ms(s: float) -> str:
+    return f"{1e3 * s:.1f} ms" if s < 1.0 else f"{s:.2f} s"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The result as markdown tables (components, end to end, start-up)."""
+    m, b = result["machine"], result["bundle_info"]
+    lines = [f"### ldm bench `{result['bundle']}`", "",
+             f"{m['cpu']}, {m['cores']} cores, load {m.get('loadavg_1m', '?')} -> {m.get('loadavg_1m_end', '?')}, "
+             f"onnxruntime {m.get('onnxruntime', '?')}, {m['date']}; bundle {b['precision']} {b['sha256']}, "
+             f"scheduler {b['scheduler']}; engine options {json.dumps(result['engine_options'])}, graphs "
+             f"{', '.join(b['graphs'])}; medians of {result['config']['repeats']} runs after "
+             f"{result['config']['warmup']} warm-up", "",
+             "| size | text encoder | U-Net step, batch 2B | U-Net step, batch B | VAE decode |", "|---|---|---|---|---|"]
+    for size, rows in result["components"].items():
+        lines.append(f"| {size} | {_ms(rows['text_encoder']['median_s'])} | {_ms(rows['unet_2B']['median_s'])} "
+                     f"(B={rows['unet_2B']['batch'] // 2}) | {_ms(rows['unet_B']['median_s'])} | "
+                     f"{_ms(rows['vae_decoder']['median_s'])} |")
+    lines += ["", "| size | steps | end to end (s/image) | inside engines | runtime overhead | per step |",
+              "|---|---|---|---|---|---|"]
+    for r in result["end_to_end"]:
+        lines.append(f"| {r['height']}x{r['width']} | {r['steps']} | {r['seconds']:.3f} | {r['engine_seconds']:.3f} | "
+                     f"{_ms(r['overhead_seconds'])} ({r['overhead_pct']:.2f}%) | {r['overhead_per_step_ms']:.3f} ms |")
+    st = result.get("startup")
+    if st:
+        lines += ["", "| import ldm_runtime | + pipeline & onnxruntime | bundle load + engines | import + load | "
+                      f"first image ({st['generate_steps']} steps) | peak RSS |", "|---|---|---|---|---|---|",
+                  f"| {_ms(st['import_ldm_runtime_s'])} | {_ms(st['import_pipeline_s'])} | {_ms(st['load_s'])} | "
+                  f"{_ms(st['import_plus_load_s'])} | {_ms(st.get('first_image_s', float('nan')))} | "
+                  f"{st['peak_rss_mb']:.0f} MiB |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> str | None:
+    """Latency against steps and against resolution as a PNG; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no plot: matplotlib is not importable ({e}); pip install matplotlib"
+    default = "x".join(map(str, result["bundle_info"]["default_size"]))
+    e2e = result["end_to_end"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = sorted((r for r in e2e if f"{r['height']}x{r['width']}" == default), key=lambda r: r["steps"])
+    a.plot([r["steps"] for r in rows], [r["seconds"] for r in rows], "o-", label="end to end")
+    a.plot([r["steps"] for r in rows], [r["engine_seconds"] for r in rows], "s--", label="inside engines")
+    a.set(xlabel="steps", ylabel="seconds per image", title=f"latency vs steps ({default})")
+    a.legend()
+    comps = result["components"]
+    px = [int(k.split("x")[0]) * int(k.split("x")[1]) for k in comps]
+    order = np.argsort(px)
+    keys = [list(comps)[i] for i in order]
+    for key, label in (("unet_2B", "U-Net step, 2B"), ("unet_B", "U-Net step, B"), ("vae_decoder", "VAE decode")):
+        b.plot([int(np.sqrt(px[i])) for i in order], [comps[k][key]["median_s"] for k in keys], "o-", label=label)
+    b.set(xlabel="image side (sqrt of pixels)", ylabel="seconds", title="latency vs resolution", yscale="log")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        v = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def _sizes(s: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in (p.strip() for p in s.split(",") if p.strip()):
+        h, _, w = part.lower().partition("x")
+        try:
+            out.append((int(h), int(w or h)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected sizes like 256 or 256x384, comma-separated; got {part!r}") from None
+    return tuple(out)
+
+
+def parse_engine_options(items: list[str]) -> dict[str, Any]:
+    """["cpu_variant=false", "threads=2", ...] -> {"cpu_variant": False, "threads": 2, ...}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--engine-option expects KEY=VALUE, got {item!r}")
+        low = value.lower()
+        out[key] = (True if low in ("true", "yes") else False if low in ("false", "no")
+                    else int(value) if value.isdigit() else value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ldm bench", description="Latency, overhead, start-up and memory of a bundle on the runtime.")
+    p.add_argument("bundle")
+    p.add_argument("--steps", type=_ints, default=(10, 30, 50), help="end-to-end step counts (default 10,30,50)")
+    p.add_argument("--sizes", type=_sizes, default=(), help="extra image sizes, e.g. 192,256x384 (default: the bundle's only)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (medians reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each figure")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--opt-level", default="all", choices=("disable", "basic", "extended", "all"))
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra engine option, repeatable (e.g. cpu_variant=false, mem_pattern=false, arena=false, "
+                        "spinning=false)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None, help="scheduler name (default: the bundle's)")
+    p.add_argument("--no-startup", action="store_true", help="skip the fresh-process start-up and RSS runs")
+    p.add_argument("--no-negative-cache", action="store_true", help="encode the negative prompt on every call")
+    p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.repeats < 1 or args.warmup < 0:
+            raise _UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+        parse_engine_options(args.engine_option)
+    except _UsageError as e:
+        print(f"ldm bench: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    from .manifest import BundleError
+
+    cfg = BenchConfig(bundle=args.bundle, steps=args.steps, sizes=args.sizes, repeats=args.repeats,
+                      warmup=args.warmup, threads=args.threads, opt_level=args.opt_level,
+                      guidance_scale=args.guidance_scale, scheduler=args.scheduler, startup=not args.no_startup,
+                      negative_cache=not args.no_negative_cache,
+                      engine_options=parse_engine_options(args.engine_option))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        result = run_bench(cfg)
+    except (BundleError, ValueError) as e:
+        print(f"ldm bench: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(result)
+    why = plot(result, out / "bench.png")
+    result["plot"] = why or str(out / "bench.png")
+    if why:
+        md += f"\n({why})\n"
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
