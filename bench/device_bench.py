@@ -307,7 +307,8 @@ def run(s: Setup, skip_ort_cpu: bool = False, emit: Callable[[dict], None] = lam
             if why is None and backend == "onnxruntime CUDA" and s.device != "cuda":
                 why = "no CUDA device"
             if why is None and backend == "onnxruntime CPU" and skip_ort_cpu:
-                why = "skipped (--skip-ort-cpu)"
+                add({"backend": backend, "note": "skipped (--skip-ort-cpu)"})
+                continue
             if why is not None:
                 add({"backend": backend, "note": f"not available: {why}"})
                 continue
@@ -333,12 +334,12 @@ def run(s: Setup, skip_ort_cpu: bool = False, emit: Callable[[dict], None] = lam
 def to_markdown(res: dict[str, Any]) -> str:
     head = (f"{res['setup']}: {res['size']}x{res['size']}, {res['steps']} steps, CFG (U-Net batch 2), "
             f"{res.get('gpu', res['device'])}, torch {res['torch']}. U-Net {res['unet_flops_per_step'] / 1e9:.1f} GFLOP/step; "
-            f"{res['dtype']} matmul peak {res['peak_matmul_tflops']:.2f} TFLOP/s")
+            f"{res['dtype']} matmul peak {res['peak_matmul_tflops']:.3g} TFLOP/s")
     lines = [head, "", "| backend | U-Net step | end to end | U-Net TFLOP/s | of peak | note |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         step = f"{1e3 * r['unet_step_s']:.2f} ms" if r.get("unet_step_s") else "-"
         e2e = f"{r['e2e_s']:.3f} s" if r.get("e2e_s") else "-"
-        rate = f"{r['unet_tflops']:.3f}" if r.get("unet_tflops") else "-"
+        rate = f"{r['unet_tflops']:.3g}" if r.get("unet_tflops") else "-"
         frac = f"{100 * r['fraction_of_peak']:.1f}%" if r.get("fraction_of_peak") else "-"
         lines.append(f"| {r['backend']} | {step} | {e2e} | {rate} | {frac} | {r.get('note', '')} |")
     return "\n".join(lines) + "\n"

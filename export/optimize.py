@@ -163,11 +163,14 @@ def _is_split_scale(g: _Graph, name: str) -> bool:
     return one is not None and one.size == 1 and float(one.ravel()[0]) == 1.0 and g.prod(d.input[1], "Sqrt") is not None
 
 
-def fuse_attention(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tuple[onnx.ModelProto, int]:
-    """Replace every exported scaled-dot-product attention by ``com.microsoft.MultiHeadAttention``.
+def fuse_attention(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                   min_query_len: int = 0) -> tuple[onnx.ModelProto, int]:
+    """Replace exported scaled-dot-product attentions by ``com.microsoft.MultiHeadAttention``.
 
-    ``input_shapes``: concrete shapes for the graph inputs (any valid sample), used to read head
-    counts and check the reshapes. Returns (new model, number of attentions fused).
+    ``input_shapes``: concrete shapes for the graph inputs (a sample at the default size), used to
+    read head counts, check the reshapes and measure each attention's query length; those with
+    fewer than ``min_query_len`` queries at that size are left as they are (the fused CPU kernel
+    only pays off on long sequences). Returns (new model, number of attentions fused).
     """
     g = _Graph(model, input_shapes)
     new_nodes: dict[str, onnx.NodeProto] = {}  # output of the node it replaces -> fused node
@@ -197,6 +200,8 @@ def fuse_attention(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
         elif nxt is not None and nxt.op_type == "Squeeze" and q[1] == 1:
             last = nxt
         if last is None or g.shapes.get(last.output[0]) != g.shapes.get(q[0]):
+            continue
+        if g.shapes[q[0]][1] < min_query_len:
             continue
         node = helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [last.output[0]],
                                 name=f"{sm.name}/MultiHeadAttention", domain="com.microsoft", num_heads=q[1])
@@ -257,7 +262,7 @@ def _random_feeds(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
         t = inp.type.tensor_type.elem_type
         shape = input_shapes[inp.name]
         if t == onnx.TensorProto.INT64:
-            feeds[inp.name] = rng.integers(0, 1000, shape, dtype=np.int64)
+            feeds[inp.name] = rng.integers(0, 256, shape, dtype=np.int64)  # every CLIP BPE vocabulary has the 256 byte tokens
         elif inp.name == "timestep":
             feeds[inp.name] = np.full(shape, 500.0, np.float32)
         else:

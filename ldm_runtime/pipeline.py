@@ -8,7 +8,6 @@ seed on the same backend gives bit-identical images.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import numbers
 import os
@@ -240,10 +239,12 @@ class BasePipeline:
         # per inference step, on the same iterations as diffusers' progress bar
         num_warmup = len(timesteps) - num_inference_steps * sched.order
         embeds = self.to_engine("unet", "encoder_hidden_states", embeds)  # the same for every step
+        step = [0]  # the model function reads the step index for its error messages
+        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, c, step[0]), embeds, guidance_scale,
+                                        guidance_rescale)
         tick = 0
         for i, t in enumerate(timesteps):
-            denoise = guidance.cfg_denoiser(functools.partial(self._unet, step=i), embeds, guidance_scale,
-                                            guidance_rescale)
+            step[0] = i
             noise_pred = denoise(sched.scale_model_input(latents, t), t)
             latents = np.asarray(sched.step(noise_pred, t, latents, generator=rng), dtype=np.float32)
             if callback is not None and (i == len(timesteps) - 1 or (i + 1 > num_warmup and (i + 1) % sched.order == 0)):
