@@ -268,9 +268,28 @@ def unet_step_seconds(bundle: str, height: int, width: int, batch: int, threads:
     return float(np.median(times))
 
 
+def diffusers_unet_step_seconds(folder: str, height: int, width: int, batch: int, threads: int | None,
+                                repeats: int, vae_scale_factor: int) -> float:
+    """Median seconds of one call of diffusers' UNet2DConditionModel (torch fp32, CPU) from ``folder``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    unet = UNet2DConditionModel.from_pretrained(str(Path(folder) / "unet")).eval()
+    c, d = unet.config.in_channels, unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, height // vae_scale_factor, width // vae_scale_factor, generator=g)
+    t, e = torch.full((batch,), 500.0), torch.randn(batch, 77, d, generator=g)
+    with torch.inference_mode():
+        unet(x, t, e)
+        times = [_timed(lambda: unet(x, t, e)) for _ in range(repeats)]
+    return float(np.median(times))
+
+
 def limit_report(bundle: str, height: int | None = None, width: int | None = None, batch: int = 2,
                  threads: int | None = None, repeats: int = 5, step_seconds: float | None = None,
-                 matmul_n: int = 2048) -> dict[str, Any]:
+                 matmul_n: int = 2048, diffusers: str | None = None) -> dict[str, Any]:
     """FLOPs per U-Net step, the step time, the peak and the fraction achieved, as one dict."""
     man = json.loads((Path(bundle) / "manifest.json").read_text())
     h = height or man["default_size"]["height"]
@@ -282,7 +301,11 @@ def limit_report(bundle: str, height: int | None = None, width: int | None = Non
     peak = peak_matmul_gflops(matmul_n, repeats, threads)
     best = max(peak.values())
     achieved = flops["total"] / step_seconds / 1e9
-    return {"bundle": str(bundle), "size": f"{h}x{w}", "batch": batch, "threads": threads,
+    peer: dict[str, Any] = {}
+    if diffusers:
+        sec = diffusers_unet_step_seconds(diffusers, h, w, batch, threads, repeats, man["latent"]["vae_scale_factor"])
+        peer = {"diffusers_unet_step_s": sec, "diffusers_fraction_of_peak": flops["total"] / sec / 1e9 / best}
+    return {**peer,"bundle": str(bundle), "size": f"{h}x{w}", "batch": batch, "threads": threads,
             "unet_gflops_per_step": flops["total"] / 1e9,
             "by_op_gflops": {k: v / 1e9 for k, v in flops["by_op"].items()},
             "unet_step_s": step_seconds, "achieved_gflops_s": achieved,
@@ -293,7 +316,11 @@ def limit_report(bundle: str, height: int | None = None, width: int | None = Non
 def to_markdown(r: dict[str, Any]) -> str:
     peak = ", ".join(f"{k} {v:.1f}" for k, v in r["peak_gflops_s"].items())
     ops = ", ".join(f"{k} {v:.2f}" for k, v in r["by_op_gflops"].items())
-    return ("| U-Net GFLOP/step | step | achieved GFLOP/s | peak fp32 matmul GFLOP/s | fraction |\n"
+    peer = ""
+    if "diffusers_unet_step_s" in r:
+        peer = (f"\ndiffusers' U-Net on the same weights (torch fp32): {1e3 * r['diffusers_unet_step_s']:.1f} ms/step, "
+                f"{100 * r['diffusers_fraction_of_peak']:.1f}% of the peak\n")
+    return peer + ("| U-Net GFLOP/step | step | achieved GFLOP/s | peak fp32 matmul GFLOP/s | fraction |\n"
             "|---|---|---|---|---|\n"
             f"| {r['unet_gflops_per_step']:.2f} (batch {r['batch']}, {r['size']}; {ops}) | {1e3 * r['unet_step_s']:.1f} ms | "
             f"{r['achieved_gflops_s']:.1f} | {r['peak_best_gflops_s']:.1f} ({peak}; n={r['matmul_n']}) | "
@@ -310,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--step-seconds", type=float, default=None, help="use this U-Net step time instead of measuring")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--diffusers", default=None, help="a diffusers folder with the same weights: time its U-Net too")
     args = p.parse_args(argv)
     h = w = None
     if args.size:
         hs, _, ws = args.size.lower().partition("x")
         h, w = int(hs), int(ws or hs)
-    r = limit_report(args.bundle, h, w, args.batch, args.threads, args.repeats, args.step_seconds, args.matmul_n)
+    r = limit_report(args.bundle, h, w, args.batch, args.threads, args.repeats, args.step_seconds, args.matmul_n,
+                     args.diffusers)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     print(to_markdown(r))

@@ -7,11 +7,11 @@
 # load and busy share at the start of each step go into its log. Results land in $OUT/<step>.*
 #
 #   bash bench/measure.sh                 # all steps
-#   bash bench/measure.sh e2e compare     # some: models options variant load e2e before guidance compare limit
+#   bash bench/measure.sh e2e compare     # some: models options variant load e2e before pipeline loop guidance compare limit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-bench-out}
+OUT=${OUT:-runs/bench}  # runs/ is git-ignored
 QUIET_WAIT=${QUIET_WAIT:-300}
 # SCHED_FIFO (both sides of every comparison inherit it): a niced background job can then only use
 # the gaps, instead of taking a core for a whole time slice in the middle of a parallel section,
@@ -61,7 +61,7 @@ if want variant; then  # fused attention + external weights (export/optimize.py)
       --rounds 6 --json $OUT/variant-mid-$c.json
   done
   step variant-default-unet $PY bench/ab_engines.py $DEF unet portable:cpu_variant=false variant:cpu_variant=true \
-    --rounds 20 --json $OUT/variant-default-unet.json
+    --rounds 300 --json $OUT/variant-default-unet.json
 fi
 if want load; then  # where load time goes, before and after the load-time changes
   step load-mid $PY bench/load_parts.py $MID --repeats 5 --json $OUT/load-mid.json
@@ -77,7 +77,17 @@ if want before; then  # the same without the CPU variants (the portable graphs):
   step before-mid .venv/bin/ldm bench $MID --steps 10,30 --repeats 3 --threads 2 --engine-option cpu_variant=false \
     --out $OUT/before-mid
 fi
-if want guidance; then  # guidance 1 (half batch) and the negative-prompt cache, end to end
+if want pipeline; then  # whole generations alternated in one process: the negative-prompt cache, guidance 1
+  # (half batch) and the CPU variants, end to end (separate runs drift by 10-20% on this machine)
+  step pipeline-default $PY bench/ab_pipeline.py $DEF --steps 20 --rounds 30 cached: nocache:negative_cache=false \
+    guidance1:guidance_scale=1 portable:cpu_variant=false --json $OUT/pipeline-default.json
+  step pipeline-mid $PY bench/ab_pipeline.py $MID --steps 20 --rounds 3 cached: nocache:negative_cache=false \
+    guidance1:guidance_scale=1 portable:cpu_variant=false --json $OUT/pipeline-mid.json
+fi
+if want loop; then  # the per-step overhead, piece by piece, and the proposed guidance.combine change
+  step loop-default $PY bench/loop_profile.py $DEF --steps 30 --images 20 --rounds 10
+fi
+if want guidance; then  # guidance 1 (half batch) and the negative-prompt cache, end to end, separate runs
   for m in default mid; do
     B=engines/bench-$m/bundle
     step guidance1-$m .venv/bin/ldm bench $B --steps 20 --repeats 3 --threads 2 --guidance-scale 1 --no-startup \
@@ -94,6 +104,8 @@ if want compare; then  # the peer: diffusers on the same weights, alternating
     --json $OUT/compare-mid.json
 fi
 if want limit; then  # FLOPs per U-Net step, peak fp32 matmul, fraction
-  step limit-mid $PY bench/flops.py $MID --threads 2 --repeats 5 --matmul-n 2048 --json $OUT/limit-mid.json
-  step limit-default $PY bench/flops.py $DEF --threads 2 --repeats 20 --matmul-n 2048 --json $OUT/limit-default.json
+  step limit-mid $PY bench/flops.py $MID --threads 2 --repeats 5 --matmul-n 2048 \
+    --diffusers engines/bench-mid/diffusers --json $OUT/limit-mid.json
+  step limit-default $PY bench/flops.py $DEF --threads 2 --repeats 20 --matmul-n 2048 \
+    --diffusers engines/bench-default/diffusers --json $OUT/limit-default.json
 fi

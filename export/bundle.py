@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from ldm_runtime.manifest import COMPONENTS, MANIFEST_NAME, SCHEMA, atomic_write_json, new_manifest, record_file
 
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, OPSET, ExportResult, export_component
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, OPSET, ExportResult, ParityError, export_component
 from .specs import dims_from_models
 
 log = logging.getLogger(__name__)
@@ -175,13 +175,18 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str = "fp32",
                   components: str | Iterable[str] = COMPONENTS, *, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
-                  opset: int = OPSET, size: tuple[int, int] | None = None, models=None) -> Path:
+                  opset: int = OPSET, size: tuple[int, int] | None = None, models=None,
+                  cpu_variants: bool = True) -> Path:
     """Export the models of ``src`` (a checkpoint or diffusers folder) to the bundle ``out``.
 
     precision: "fp32" or "fp16". components: the subset to export (names or "a,b,c").
     threshold_bytes: models with more weight bytes are saved with one external data file.
     size: (height, width) in pixels at which models are traced and checked (default: the
     model's default size). models: an already loaded ``LatentDiffusion`` for ``src`` (tests).
+    cpu_variants: for fp32 bundles, also write each graph's onnxruntime-CPU variant (attention
+    fused into ``com.microsoft.MultiHeadAttention``, page-aligned external weights; see
+    ``export/optimize.py``), gated against the portable graph. TensorRT and onnxruntime on CUDA
+    read the portable graphs; onnxruntime on the CPU reads the variants.
     Returns the bundle path. Raises ``ExportError`` for bad input, ``ParityError`` when a model
     fails its gate; in both cases nothing is left at ``out`` (an existing bundle stays as it was).
     """
@@ -214,6 +219,12 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
             names.append(f"tokenizer/{name}")
         _fsync_tree(tmp)
         manifest = build_manifest(ld, src, tmp, precision, results, dims, names)
+        if cpu_variants and precision == "fp32":
+            from .optimize import OptimizeError, add_cpu_variants
+            try:
+                add_cpu_variants(tmp, manifest, tuple(comps))
+            except OptimizeError as e:
+                raise ParityError(f"CPU variant: {e}") from e
         atomic_write_json(tmp / MANIFEST_NAME, manifest)  # last: without it the folder is not a bundle
         _move_into_place(tmp, out)
     except BaseException:

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="save models with more weight bytes than this with external data (default 2e9, 2 GB)")
     p.add_argument("--size", type=_size, default=None,
                    help="HEIGHTxWIDTH in pixels where models are traced and checked (default: the model's default size)")
+    p.add_argument("--no-cpu-variants", action="store_true",
+                   help="fp32 only: skip the onnxruntime-CPU variants (fused attention, external weights)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -64,7 +66,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         out = export_bundle(args.src, args.out, precision=args.precision, components=args.components,
                             threshold_bytes=args.threshold_bytes if args.threshold_bytes is not None else EXTERNAL_DATA_THRESHOLD,
-                            size=args.size)
+                            size=args.size, cpu_variants=not args.no_cpu_variants)
     except ParityError as e:
         print(f"ldm export: parity check failed, no bundle written: {e}", file=sys.stderr)
         return 1

@@ -38,8 +38,11 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidan
 
 def combine(noise_pred: np.ndarray, guidance_scale: float, guidance_rescale: float = 0.0) -> np.ndarray:
     """(2B, ...) predictions on [uncond; cond] -> (B, ...) guided prediction."""
-    uncond, cond = np.split(noise_pred, 2)
-    guided = uncond + np.float32(guidance_scale) * (cond - uncond)
+    n = noise_pred.shape[0] // 2
+    uncond, cond = noise_pred[:n], noise_pred[n:]  # views; np.split costs more than the arithmetic here
+    guided = np.subtract(cond, uncond)
+    guided *= np.float32(guidance_scale)
+    guided += uncond
     if guidance_rescale > 0.0:
         guided = rescale_noise_cfg(guided, cond, guidance_rescale)
     return guided

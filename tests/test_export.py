@@ -196,10 +196,21 @@ def test_manifest(bundles, precision, tmp_path):
         floats = [s["dtype"] for s in comp["inputs"] + comp["outputs"] if s["dtype"].startswith("float")]
         if precision == "fp32":
             assert set(floats) == {"float32"}
+            # the onnxruntime-CPU variant beside the portable graph: attention fused, gated against it
+            var = comp["cpu_variant"]
+            fused = [n.op_type for n in onnx.load(str(bundle / var["file"])).graph.node]
+            print(f"  CPU variant {var['file']}: {var['fused_attention']} attentions fused, "
+                  f"max_abs_rel {var['parity']['value']:.1e}")
+            assert var["file"] == f"{name}.cpu.onnx" and var["parity"]["value"] <= 1e-4
+            assert fused.count("MultiHeadAttention") == var["fused_attention"]
+            if name == "unet":  # every attention of the U-Net is fused (the text encoder's causal one is not)
+                assert var["fused_attention"] > 0 and "Softmax" not in fused
         else:
+            assert "cpu_variant" not in comp  # fp16 bundles: onnxruntime's CPU kernels cast fp16 anyway
             want = ["float32" if s["name"] == "timestep" else "float16" for s in comp["inputs"] + comp["outputs"]
                     if s["dtype"].startswith("float")]
             assert floats == want
+        if precision == "fp16":
             # the weights are fp16 but for the few that feed fp32 nodes (norm scales, timestep MLP)
             sizes = {k: 0 for k in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
             for t in model.graph.initializer:

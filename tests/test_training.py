@@ -88,7 +88,7 @@ def test_cli_reports_bad_options_and_data_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown option --max_stepz" in err and "--max_steps" in err
     assert cli_main(["train", "gan"]) == 2
-    assert "expected 'vae' or 'unet'" in capsys.readouterr().err
+    assert "expected 'vae', 'unet' or 'set-vae'" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "cat.png").write_bytes(b"not a png")  # unreadable, and without a caption
@@ -226,6 +226,59 @@ def test_vae_stage_overfits_with_gan_and_writes_scale_factor(tmp_path):
     vae = load_vae(tmp_path / "vae")
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"]) and result["scale_images"] == 16
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "samples" / "recon_000080.png").is_file()
+
+
+def test_decoder_finetune_keeps_the_encoder_then_goes_into_the_checkpoint(tmp_path, tiny_checkpoint_dir):
+    """--init + --train_encoder=false: the latents a U-Net was trained on stay valid (encoder bit-identical,
+    scale factor kept) while the decoder alone learns (MSE down by a quarter or more on 4 images); `ldm train set-vae` then puts that decoder into the
+    checkpoint, and refuses a VAE whose encoder differs (leaving the checkpoint as it was)."""
+    import shutil
+
+    from training.checkpoint import load_checkpoint
+    from training.train_vae import ImageSource, evaluate, load_vae, train
+
+    ckpt = Path(shutil.copytree(tiny_checkpoint_dir, tmp_path / "ckpt"))
+    init = load_vae(ckpt / "vae")  # a checkpoint's vae/ folder is a valid --init
+    images = ImageSource("shapes", 32, 4, 0, "train")
+    before = evaluate(init, images, 4)
+    cfg, _ = parse_config(VAETrainConfig, [
+        f"--out_dir={tmp_path / 'ft'}", f"--init={ckpt / 'vae'}", "--train_encoder=false", "--image_size=32",
+        "--crop_size=0", "--train_length=4", "--batch_size=4", "--max_steps=60", "--lr=3e-3", "--warmup_steps=5",
+        "--perceptual_weight=0", "--disc_weight=0", "--pixel_loss=mse", "--eval_every=60", "--eval_images=4",
+        "--scale_images=16", "--ckpt_every=60", "--threads=1", "--progress=false"])
+    train(cfg)
+    ft = load_vae(tmp_path / "ft" / "vae")
+    a, b = init.state_dict(), ft.state_dict()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert ft.config.scaling_factor == init.config.scaling_factor == 0.5  # the checkpoint's, not recomputed
+    mse = lambda r: 10 ** (-r["psnr"] / 10)  # noqa: E731
+    after = evaluate(ft, images, 4)
+    print(f"decoder fine-tune, 60 steps on 4 images: PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB")
+    assert mse(after) < 0.75 * mse(before)  # a random f=8 encoder keeps little; the decoder still learns
+
+    # a VAE with another encoder does not fit the U-Net: refused, checkpoint untouched
+    other = load_vae(tmp_path / "ft" / "vae")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.01)
+    from training.train_vae import save_vae
+    save_vae(other, tmp_path / "other" / "vae")
+    before_bytes = (ckpt / "vae" / "model.safetensors").read_bytes()
+    assert cli_main(["train", "set-vae", str(ckpt), str(tmp_path / "other" / "vae")]) == 2
+    assert (ckpt / "vae" / "model.safetensors").read_bytes() == before_bytes
+    assert cli_main(["train", "set-vae", str(ckpt), str(tmp_path / "ft" / "vae")]) == 0
+    ld = load_checkpoint(ckpt)
+    got = ld.vae.state_dict()
+    assert all(torch.equal(got[k], b[k]) for k in b)
+    assert ld.extra["vae"]["decoder_finetune"] == str(tmp_path / "ft" / "vae")
+    orig = load_checkpoint(tiny_checkpoint_dir)  # the U-Net and text encoder are untouched
+    assert all(torch.equal(v, ld.unet.state_dict()[k]) for k, v in orig.unet.state_dict().items())
+
+    with pytest.raises(ConfigError, match="--init"):
+        train(parse_config(VAETrainConfig, [f"--out_dir={tmp_path / 'x'}", "--train_encoder=false"])[0])
+    with pytest.raises(ConfigError, match="pixel_loss"):
+        parse_config(VAETrainConfig, ["--pixel_loss=l2"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

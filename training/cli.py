@@ -13,9 +13,12 @@ from training.common import ConfigError
 logger = logging.getLogger(__name__)
 
 USAGE = """usage: ldm train {vae,unet} [--key=value ...] [--resume]
+       ldm train set-vae CHECKPOINT VAE_FOLDER
 
   ldm train vae  --out_dir=runs/vae  --max_steps=3000
   ldm train unet --out_dir=runs/unet --vae=runs/vae/vae --max_steps=20000
+  ldm train vae  --out_dir=runs/dec --init=runs/vae/vae --train_encoder=false   decoder fine-tune
+  ldm train set-vae engines/default runs/dec/vae   put that decoder into a trained checkpoint
   ldm train vae|unet --help          list every option with its default
 
 Every option is a field of VAETrainConfig (training/train_vae.py) or UNetTrainConfig
@@ -35,10 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
-    if stage not in ("vae", "unet"):
-        print(f"ldm train: unknown stage {stage!r}; expected 'vae' or 'unet'", file=sys.stderr)
+    if stage not in ("vae", "unet", "set-vae"):
+        print(f"ldm train: unknown stage {stage!r}; expected 'vae', 'unet' or 'set-vae'", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if stage == "set-vae":
+        if len(rest) != 2:
+            print(f"ldm train set-vae: expected CHECKPOINT VAE_FOLDER, got {len(rest)} arguments", file=sys.stderr)
+            return 2
+        from training.checkpoint import CheckpointError
+        from training.train_vae import set_checkpoint_vae
+        try:
+            print(set_checkpoint_vae(rest[0], rest[1]))
+        except (ConfigError, CheckpointError) as e:
+            print(f"ldm train set-vae: {e}", file=sys.stderr)
+            return 2
+        return 0
     from training.data import DatasetError
     cls: type
     train: Callable[..., dict]

@@ -58,6 +58,7 @@ class VAETrainConfig:
     grad_clip: float = 1.0
     # loss
     kl_weight: float = 1e-6
+    pixel_loss: str = "l1"  # "l1" or "mse" (what PSNR measures; SD's ft-MSE decoder used it)
     perceptual_weight: float = 0.25
     lpips_weights: str = ""  # local LPIPS-VGG safetensors; empty: the download-free perceptual term
     disc_start: int = 2000  # the GAN joins after the reconstruction has converged
@@ -73,6 +74,10 @@ class VAETrainConfig:
     threads: int = 0  # torch CPU threads per process; 0: torch's default
     max_minutes: float = 0.0  # stop early (state + export written) after this wall time; 0: no limit
     progress: bool = True
+    # fine-tuning: start from a trained vae/ folder (its architecture replaces the options above);
+    # --train_encoder=false freezes the encoder so its latents (and any U-Net trained on them) stay valid
+    init: str = ""
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         common.check_positive(self, "image_size", "batch_size", "max_steps", "lr", "eval_images", "ckpt_every",
@@ -80,6 +85,8 @@ class VAETrainConfig:
         if self.crop_size and (self.crop_size > self.image_size or self.crop_size % 2 ** (len(self.block_out_channels) - 1)):
             raise ConfigError(f"--crop_size={self.crop_size}: expected 0 or a multiple of the spatial factor "
                               f"{2 ** (len(self.block_out_channels) - 1)} no larger than --image_size={self.image_size}")
+        if self.pixel_loss not in ("l1", "mse"):
+            raise ConfigError(f"--pixel_loss={self.pixel_loss!r}: expected 'l1' or 'mse'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,14 +246,26 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
     rows = common.shard(cfg.batch_size, d)
 
     # model, losses, optimisers
-    vcfg = VAEConfig(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
-                     layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-                     mid_block_add_attention=cfg.mid_block_add_attention, sample_size=cfg.image_size,
-                     scaling_factor=1.0)
-    vae = AutoencoderKL(vcfg).to(d.device)
+    if not cfg.train_encoder and not cfg.init:
+        raise ConfigError("--train_encoder=false fine-tunes the decoder of a trained VAE: it needs --init=VAE_FOLDER")
+    if cfg.init:
+        vae = load_vae(cfg.init).to(d.device)  # ConfigError if the folder is incomplete
+        vcfg = vae.config
+        init_factor = vcfg.scaling_factor
+    else:
+        vcfg = VAEConfig(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
+                         layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                         mid_block_add_attention=cfg.mid_block_add_attention, sample_size=cfg.image_size,
+                         scaling_factor=1.0)
+        vae = AutoencoderKL(vcfg).to(d.device)
+    if not cfg.train_encoder:
+        for m in (vae.encoder, vae.quant_conv):
+            if m is not None:
+                m.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
     disc = PatchDiscriminator(width=32, n_layers=2, groups=8).to(d.device)
     perceptual = (LPIPS(cfg.lpips_weights) if cfg.lpips_weights else RandomFeaturePerceptual()).to(d.device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)  # crops
     g_noise = torch.Generator().manual_seed(cfg.seed + 2)  # posterior draws
@@ -287,13 +306,15 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
             group["lr"] = lr
 
         # generator (autoencoder) step
-        mean, logvar = vae.encode(x)
+        with torch.set_grad_enabled(cfg.train_encoder):
+            mean, logvar = vae.encode(x)
         eps = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=g_noise)[rows].to(d.device)
         z = mean + torch.exp(0.5 * logvar) * eps
         recon = vae.decode(z)
         l1 = (recon - x).abs().mean()
+        pixel = l1 if cfg.pixel_loss == "l1" else (recon - x).pow(2).mean()
         perc = perceptual(recon, x).mean()
-        nll = l1 + cfg.perceptual_weight * perc
+        nll = pixel + cfg.perceptual_weight * perc
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = nll + cfg.kl_weight * kl
         gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
@@ -307,8 +328,8 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if d.enabled:
-            _allreduce_grads(list(vae.parameters()), d.world_size)
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            _allreduce_grads(trainable, d.world_size)
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
 
         # discriminator step
@@ -362,6 +383,10 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
                      else train_images)
         n = min(n, len(scale_src))
         factor, std = latent_scale_factor(vae, scale_src, n, cfg.seed)
+        if not cfg.train_encoder:
+            # the encoder is the init's: keep the factor a U-Net may already have been trained with
+            # (recomputed from the same draws, it agrees up to float rounding)
+            factor = init_factor
         vae.config.scaling_factor = factor
         result = {"step": step, "psnr": last_eval["psnr"], "ssim": last_eval["ssim"], "scaling_factor": factor,
                   "latent_std": std, "scale_images": n, "train_seconds": time.time() - t0,
@@ -386,3 +411,39 @@ def _save_recon_grid(vae: AutoencoderKL, images: ImageSource, path: Path, n: int
     vae.train(was)
     both = torch.cat([x, r]).add(1).div(2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     common.save_grid(both, path, ncols=len(x))
+
+
+def set_checkpoint_vae(checkpoint: str | Path, vae_folder: str | Path) -> Path:
+    """Put a decoder fine-tune (``--init=... --train_encoder=false``) into a trained checkpoint, in place.
+
+    The U-Net of ``checkpoint`` was trained on its VAE's latents, so the new VAE must have the
+    same architecture, the same encoder weights (compared at the checkpoint's storage dtype) and
+    the same scaling factor; otherwise ``ConfigError`` and the checkpoint is left as it was. The
+    weights keep the checkpoint's dtype; the write is atomic (temporary folder, then rename).
+    """
+    from safetensors import safe_open
+
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = Path(checkpoint)
+    ld = load_checkpoint(checkpoint)
+    with safe_open(str(checkpoint / "vae" / "model.safetensors"), framework="pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    new = load_vae(vae_folder)
+    old_cfg, new_cfg = common.config_to_dict(ld.vae.config), common.config_to_dict(new.config)
+    diff = sorted(k for k in old_cfg if old_cfg[k] != new_cfg.get(k))
+    if diff:
+        raise ConfigError(f"{vae_folder}: its config differs from {checkpoint}/vae in {', '.join(diff)} "
+                          f"({', '.join(f'{k}: {old_cfg[k]!r} vs {new_cfg.get(k)!r}' for k in diff)}); "
+                          "only a decoder fine-tune of the checkpoint's VAE (--train_encoder=false) fits its U-Net")
+    old_sd, new_sd = ld.vae.state_dict(), new.state_dict()
+    changed = [k for k in old_sd if k.startswith(("encoder.", "quant_conv."))
+               and not torch.equal(old_sd[k], new_sd[k].to(dtype).to(old_sd[k].dtype))]
+    if changed:
+        raise ConfigError(f"{vae_folder}: {len(changed)} encoder tensors differ from {checkpoint}/vae (first: {changed[0]}); "
+                          "the U-Net was trained on the old encoder's latents: fine-tune with --train_encoder=false")
+    ld.vae = new.eval().requires_grad_(False)
+    metrics = Path(vae_folder) / "metrics.json"
+    note = {"decoder_finetune": str(vae_folder),
+            **({"metrics": json.loads(metrics.read_text())} if metrics.is_file() else {})}
+    return save_checkpoint(ld, checkpoint, dtype=dtype if dtype != torch.float32 else None, extra={"vae": note})

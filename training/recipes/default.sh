@@ -8,7 +8,10 @@
 #            vocabulary learned from the captions. No min-SNR weighting: with v-prediction its weight
 #            min(SNR, 5) / (SNR + 1) is 0 at zero terminal SNR, so the first sampling step (where the
 #            caption sets background and layout) would never be trained.
+# History of the shipped checkpoint: steps 0-1470 ran at batch 16 on 1 thread (min-SNR 5 until step 1050,
+# when the flaw above was found); the run was then resumed with this script's settings (batch 32, 2 threads).
 # Each stage writes atomic training state every 50 steps; rerunning this script resumes where it stopped.
+# Stage 1b (after the U-Net, see the end) fine-tunes the VAE decoder and puts it into the checkpoint.
 # Usage: bash training/recipes/default.sh   (from anywhere; RUN=... and PY=... override the defaults)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,7 +29,17 @@ $PY -m training.cli train unet --out_dir="$RUN/unet" --vae="$RUN/vae/vae" --trai
   --block_out_channels=32,64,128 --attention=false,true,true --layers_per_block=1 --head_dim=32 \
   --text_hidden_size=64 --text_layers=2 --text_heads=2 --text_intermediate_size=256 \
   --prediction_type=v_prediction --zero_snr=true --min_snr_gamma=0 \
-  --batch_size=16 --max_steps=${UNET_STEPS:-4000} --lr=8e-4 --warmup_steps=100 --ema_decay=0.998 \
+  --batch_size=${UNET_BATCH:-32} --max_steps=${UNET_STEPS:-9000} --lr=8e-4 --warmup_steps=100 --ema_decay=0.998 \
   --eval_every=500 --eval_prompts=8 --sample_steps=20 --ckpt_every=50 \
-  --export_dir=engines/default --export_dtype=fp16 --threads=1 --max_minutes=${UNET_MINUTES:-80} --progress=false \
+  --export_dir=engines/default --export_dtype=fp16 --threads=${THREADS:-2} --max_minutes=${UNET_MINUTES:-80} --progress=false \
   $(resume "$RUN/unet")
+
+# stage 1b: fine-tune the VAE decoder alone (the encoder, and so the U-Net's latents, stay as they are) on the
+# pixel MSE that PSNR measures, with whole 64x64 images; then put that decoder into the exported checkpoint.
+if [ ! -f "$RUN/vae_dec/vae/model.safetensors" ]; then
+  $PY -m training.cli train vae --out_dir="$RUN/vae_dec" --init="$RUN/vae/vae" --train_encoder=false \
+    --pixel_loss=mse --perceptual_weight=0 --disc_weight=0 --crop_size=0 --batch_size=16 \
+    --max_steps=${DEC_STEPS:-1200} --lr=2e-4 --warmup_steps=20 --eval_every=400 --eval_images=512 \
+    --ckpt_every=50 --threads=${THREADS:-2} --max_minutes=${DEC_MINUTES:-15} --progress=false $(resume "$RUN/vae_dec")
+fi
+$PY -m training.cli train set-vae engines/default "$RUN/vae_dec/vae"
