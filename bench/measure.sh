@@ -7,7 +7,7 @@
 # load and busy share at the start of each step go into its log. Results land in $OUT/<step>.*
 #
 #   bash bench/measure.sh                 # all steps
-#   bash bench/measure.sh e2e compare     # some: models options variant load e2e before pipeline loop guidance compare limit
+#   bash bench/measure.sh e2e compare     # some: models options variant load e2e e2e-default before pipeline loop spinstop guidance compare limit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -67,8 +67,10 @@ if want load; then  # where load time goes, before and after the load-time chang
   step load-mid $PY bench/load_parts.py $MID --repeats 5 --json $OUT/load-mid.json
   step load-default $PY bench/load_parts.py $DEF --repeats 5 --json $OUT/load-default.json
 fi
-if want e2e; then  # ldm bench, as shipped (CPU variants, default options)
+if want e2e || want e2e-default; then  # ldm bench, as shipped (CPU variants, default options)
   step e2e-default .venv/bin/ldm bench $DEF --steps 10,30,50 --sizes 32,96,128 --repeats 5 --threads 2 --out $OUT/e2e-default
+fi
+if want e2e; then
   step e2e-mid .venv/bin/ldm bench $MID --steps 10,30,50 --sizes 192,320 --repeats 3 --threads 2 --out $OUT/e2e-mid
 fi
 if want before; then  # the same without the CPU variants (the portable graphs): the "before" of the variants
@@ -86,6 +88,12 @@ if want pipeline; then  # whole generations alternated in one process: the negat
 fi
 if want loop; then  # the per-step overhead, piece by piece, and the proposed guidance.combine change
   step loop-default $PY bench/loop_profile.py $DEF --steps 30 --images 20 --rounds 10
+fi
+if want spinstop; then  # onnxruntime's session.force_spinning_stop: idle threads stop busy-waiting when a run returns
+  step spinstop-default $PY bench/ab_pipeline.py $DEF --steps 30 --rounds 30 spin: stop:spin_stop=true \
+    --json $OUT/spinstop-default.json
+  step spinstop-mid $PY bench/ab_pipeline.py $MID --steps 20 --rounds 3 spin: stop:spin_stop=true \
+    --json $OUT/spinstop-mid.json
 fi
 if want guidance; then  # guidance 1 (half batch) and the negative-prompt cache, end to end, separate runs
   for m in default mid; do

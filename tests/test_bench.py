@@ -81,6 +81,24 @@ def test_ldm_bench_bad_input(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_session_options_reach_onnxruntime():
+    """Each engine option the benchmarks compare lands in onnxruntime's SessionOptions as documented."""
+    from ldm_runtime.backends.onnxruntime import session_options
+
+    so = session_options(threads=2, opt_level="basic", arena=False, mem_pattern=False, spinning=False, spin_stop=True)
+    assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern
+    assert str(so.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    default = session_options()
+    assert default.enable_cpu_mem_arena and str(default.graph_optimization_level).endswith("ORT_ENABLE_ALL")
+    with pytest.raises(RuntimeError, match="does not have"):  # unset unless asked for
+        default.get_session_config_entry("session.force_spinning_stop")
+    with pytest.raises(ValueError, match="optimization level"):
+        session_options(opt_level="max")
+
+
 def test_engine_clock_counts_only_time_inside_the_library():
     import time
 

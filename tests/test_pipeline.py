@@ -282,12 +282,18 @@ def test_bundle_problems(bundle, tmp_path):
     with open(broken / "unet.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
+    # on onnxruntime CPU the pipeline reads the CPU variant (unet.cpu.onnx), so only the portable graph's
+    # readers see this file: those are the ones that must refuse it
     with pytest.raises(BundleError, match="sha256 mismatch"):
-        Pipeline.load(broken)
+        Pipeline.load(broken, cpu_variant=False)
     (broken / "unet.onnx").unlink()
     with pytest.raises(BundleError, match="missing file 'unet.onnx'"):
-        Pipeline.load(broken)
+        Pipeline.load(broken, cpu_variant=False)
     shutil.copy(bundle / "unet.onnx", broken / "unet.onnx")
+    (broken / "unet.cpu.onnx").unlink()  # what Pipeline.load reads by default
+    with pytest.raises(BundleError, match="missing file 'unet.cpu.onnx'"):
+        Pipeline.load(broken)
+    shutil.copy(bundle / "unet.cpu.onnx", broken / "unet.cpu.onnx")
     data = json.loads((broken / "manifest.json").read_text())
     del data["components"]["vae_encoder"]
     (broken / "manifest.json").write_text(json.dumps(data))

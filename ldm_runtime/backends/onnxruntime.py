@@ -17,11 +17,12 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 
 
 def session_options(threads: int | None = None, opt_level: str = "all", arena: bool = True, optimized_model_path: str | None = None,
-                    mem_pattern: bool = True, spinning: bool = True):
+                    mem_pattern: bool = True, spinning: bool = True, spin_stop: bool = False):
     """Build ``onnxruntime.SessionOptions`` from plain values.
 
     ``mem_pattern``: plan one block for all activations per input shape (after the first run at that
-    shape); ``spinning``: let idle intra-op threads busy-wait for the next parallel section.
+    shape); ``spinning``: let idle intra-op threads busy-wait for the next parallel section;
+    ``spin_stop``: end that busy-wait when a run returns, so the caller's code between runs gets the cores.
     """
     import onnxruntime as ort
 
@@ -38,6 +39,8 @@ def session_options(threads: int | None = None, opt_level: str = "all", arena: b
     so.enable_mem_pattern = mem_pattern
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if spin_stop:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
@@ -56,7 +59,7 @@ class OnnxRuntimeEngine:
     def __init__(self, path: str | os.PathLike, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  name: str | None = None, device: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", arena: bool = True, device_id: int = 0, mem_pattern: bool | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, spin_stop: bool = False):
         import onnxruntime as ort
 
         self.name = name or Path(path).stem
@@ -80,7 +83,8 @@ class OnnxRuntimeEngine:
             # faster on a small one); for a component run once per image it is a second copy of
             # the activations (VAE decoder at 256x256: +120 MB, no faster)
             mem_pattern = self.name == "unet"
-        so = session_options(threads=threads, opt_level=opt_level, arena=arena, mem_pattern=mem_pattern, spinning=spinning)
+        so = session_options(threads=threads, opt_level=opt_level, arena=arena, mem_pattern=mem_pattern, spinning=spinning,
+                             spin_stop=spin_stop)
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         declared = {i.name for i in self.session.get_inputs()}
         wanted = {s.name for s in self.inputs}
