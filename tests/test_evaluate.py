@@ -147,3 +147,28 @@ def test_corrupt_is_mild():
     assert 8 < np.sqrt(((noisy - img) ** 2).mean()) < 12  # std 0.04 * 255 = 10.2
     assert np.array_equal(corrupt(np.full((8, 8, 3), 77, np.uint8), blur=True),
                           np.full((8, 8, 3), 77, np.uint8))
+
+
+def test_vae_reconstruction_ceiling():
+    """`vae_reconstruction_scores` scores what a VAE gives back: an exact autoencoder scores 1.0 everywhere,
+    one that blurs away the shapes loses shape (and only shape) accuracy."""
+    torch = pytest.importorskip("torch")
+    from training.train_unet import vae_reconstruction_scores
+
+    class Exact(torch.nn.Module):
+        def encode(self, x):
+            return x, torch.zeros_like(x)
+
+        def decode(self, z):
+            return z
+
+    class Blurry(Exact):
+        def decode(self, z):  # a 7x7 box blur at 64 px: circles, squares and stars become alike
+            k = torch.full((3, 1, 7, 7), 1 / 49)
+            return torch.nn.functional.conv2d(torch.nn.functional.pad(z, (3, 3, 3, 3), mode="replicate"), k, groups=3)
+
+    exact = vae_reconstruction_scores(Exact(), 64, n=24)
+    blurry = vae_reconstruction_scores(Blurry(), 64, n=24)
+    print(f"exact {exact}\nblurry {blurry}")
+    assert all(v == 1.0 for v in exact.values())
+    assert blurry["shape"] < 0.8 and blurry["colour"] >= 0.9 and blurry["position"] == 1.0

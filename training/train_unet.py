@@ -446,7 +446,9 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tu
 
     ld = load_models(checkpoint)
     size = ld.default_size[0]
-    results: dict = {}
+    results: dict = {"vae_reconstruction": vae_reconstruction_scores(ld.vae, size, n, seed)}
+    logger.info("VAE reconstructions of %d validation images (the ceiling for generated ones): %s", n,
+                {k: round(v, 3) for k, v in results["vae_reconstruction"].items()})
     for split in ("val", "heldout"):
         ds = ShapesDataset(split, size=size, length=n, seed=seed)
         pairs = [ds.attrs(i) for i in range(n)]
@@ -461,3 +463,18 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tu
             if out_dir is not None:
                 common.save_grid(images[:16], Path(out_dir) / f"eval_{split}_g{gs:g}.png", ncols=8)
     return results
+
+
+@torch.no_grad()
+def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0) -> dict:
+    """The evaluator on the VAE's reconstructions (posterior mean) of real validation images: what the
+    autoencoder keeps of colour, shape, ... is an upper bound for what any generated image can score."""
+    from training.evaluate import evaluate_images
+
+    ds = ShapesDataset("val", size=size, length=n, seed=seed)
+    attrs = [ds.attrs(i)[0] for i in range(n)]
+    x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
+    r = torch.cat([vae.decode(vae.encode(x[a:a + 32])[0]) for a in range(0, n, 32)])
+    images = ((r.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    scores = evaluate_images(list(images), attrs)
+    return {k: scores[k] for k in ("colour", "shape", "position", "size", "count", "background", "all")}

@@ -313,7 +313,7 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
         recon = vae.decode(z)
         l1 = (recon - x).abs().mean()
         pixel = l1 if cfg.pixel_loss == "l1" else (recon - x).pow(2).mean()
-        perc = perceptual(recon, x).mean()
+        perc = perceptual(recon, x).mean() if cfg.perceptual_weight > 0 else torch.zeros(())
         nll = pixel + cfg.perceptual_weight * perc
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = nll + cfg.kl_weight * kl
