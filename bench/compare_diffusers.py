@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_runtime.bench import PROMPT, instrument, machine_info, parse_engine_options, run_child, time_startup
+from ldm_runtime.bench import PEAK_RSS_SNIPPET, PROMPT, instrument, machine_info, parse_engine_options, run_child, time_startup
 
 log = logging.getLogger("compare_diffusers")
 
@@ -34,13 +34,7 @@ log = logging.getLogger("compare_diffusers")
 # then one image for the peak RSS
 _DIFFUSERS_CHILD = r"""
 import json, sys, time
-def peak_rss_mb():
-    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+""" + PEAK_RSS_SNIPPET + r"""
 t0 = time.perf_counter()
 import torch
 import diffusers

@@ -198,8 +198,8 @@ def time_end_to_end(pipe: Any, clock: EngineClock, steps: int, height: int, widt
 
 # What a fresh process pays before its first image: imports, manifest, engines; then one image for
 # the peak RSS. Runs as ``python -c`` so that nothing is imported before the clock starts.
-_STARTUP_CHILD = r"""
-import json, sys, time
+# Child processes' own peak RSS, shared by every start-up child script (ours and the peers').
+PEAK_RSS_SNIPPET = r"""
 def peak_rss_mb():
     # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
     for line in open("/proc/self/status"):
@@ -207,6 +207,10 @@ def peak_rss_mb():
             return int(line.split()[1]) / 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+_STARTUP_CHILD = r"""
+import json, sys, time
+""" + PEAK_RSS_SNIPPET + r"""
 t0 = time.perf_counter()
 import ldm_runtime
 t1 = time.perf_counter()

@@ -239,6 +239,14 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def rank_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """``t`` averaged over the processes (itself without DDP): the logged losses are the global batch's."""
+    if d.enabled:
+        dist.all_reduce(t)
+        t /= d.world_size
+    return t
+
+
 def shard(global_batch: int, d: Dist) -> slice:
     """This rank's rows of a global batch (the global batch must divide evenly)."""
     if global_batch % d.world_size:

@@ -380,10 +380,7 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         n_sum += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            lval = loss_sum / n_sum
-            if d.enabled:
-                dist.all_reduce(lval)
-                lval /= d.world_size
+            lval = common.rank_mean(loss_sum / n_sum, d)
             dt = (time.time() - t_last) / n_sum
             t_last, loss_sum, n_sum = time.time(), torch.zeros(()), 0
             metrics.write(step=step, loss=float(lval), lr=lr, grad_norm=float(gnorm), sec_per_step=dt,

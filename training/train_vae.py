@@ -348,10 +348,7 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
         n_sum += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            vals = sums / n_sum
-            if d.enabled:
-                dist.all_reduce(vals)
-                vals /= d.world_size
+            vals = common.rank_mean(sums / n_sum, d)
             dt = (time.time() - t_last) / n_sum
             t_last, sums, n_sum = time.time(), torch.zeros(6), 0
             rec = dict(zip(("loss", "loss_l1", "loss_perceptual", "kl", "loss_g", "loss_d"), map(float, vals)))
