@@ -383,3 +383,66 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_vae_dir):
     assert float(diff.mean()) < 1e-6 and float(diff.max()) < 0.1 * 2e-3
     assert np.allclose(la, lb, rtol=1e-5, atol=0)
     assert len(lb) == len(la) == 4  # one line per step: only rank 0 writes the log
+
+
+def test_timestep_bias_weights_match_the_closed_form():
+    """--timestep_bias: the biased share of draws is p m / (p m + 1 - p) ("earlier"/"later"), and the
+    draws follow the weights (binomial 5-sigma band on 200,000 draws); bad values are refused."""
+    from training.train_unet import timestep_weights
+    assert timestep_weights(UNetTrainConfig()) is None  # uniform: plain randint, as before
+    for bias, p, m in (("earlier", 0.4, 4.0), ("later", 0.25, 3.0)):
+        w = timestep_weights(UNetTrainConfig(timestep_bias=bias, timestep_bias_portion=p, timestep_bias_multiplier=m))
+        k = int(round(p * 1000))
+        part = w[:k] if bias == "earlier" else w[-k:]
+        expect = p * m / (p * m + 1 - p)
+        assert abs(float(part.sum()) - expect) < 1e-12 and abs(float(w.sum()) - 1) < 1e-12
+        draws = torch.multinomial(w, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+        share = float(((draws < k) if bias == "earlier" else (draws >= 1000 - k)).double().mean())
+        assert abs(share - expect) < 5 * (expect * (1 - expect) / 200_000) ** 0.5, (bias, share, expect)
+    w = timestep_weights(UNetTrainConfig(timestep_bias="range", timestep_bias_begin=100, timestep_bias_end=300,
+                                         timestep_bias_multiplier=0.5))  # < 1 draws the range less often
+    assert torch.allclose(w[150] / w[50], torch.tensor(0.5, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=r"--timestep_bias: expected one of none, earlier, later, range"):
+        parse_config(UNetTrainConfig, ["--timestep_bias=early"])
+    with pytest.raises(ConfigError, match=r"--timestep_bias_multiplier: expected a number > 0, got 0"):
+        parse_config(UNetTrainConfig, ["--timestep_bias=earlier", "--timestep_bias_multiplier=0"])
+    with pytest.raises(ConfigError, match=r"--timestep_bias=range needs 0 <= .* got \[300, 1200\)"):
+        parse_config(UNetTrainConfig, ["--timestep_bias=range", "--timestep_bias_begin=300", "--timestep_bias_end=1200"])
+
+
+def test_init_fine_tunes_a_checkpoint_and_refuses_a_mismatched_one(tmp_path, tiny_vae_dir):
+    """--init starts from a trained checkpoint's U-Net, text encoder and tokenizer: after 2 Adam steps at
+    lr 1e-3 every exported weight is within 2 lr (plus weight decay) of the checkpoint's, and the run
+    keeps its architecture; a checkpoint with another schedule or autoencoder is refused."""
+    from training.checkpoint import load_models
+    from training.train_unet import train
+
+    base = [*TINY_UNET_ARGS, f"--vae={tiny_vae_dir}", "--ckpt_every=1000", "--log_every=1"]
+    train(parse_config(UNetTrainConfig, [*base, f"--out_dir={tmp_path / 'a'}", "--max_steps=3"])[0])
+    src = load_models(tmp_path / "a" / "checkpoint")
+    cfg, _ = parse_config(UNetTrainConfig, [*base, f"--out_dir={tmp_path / 'b'}", f"--init={tmp_path / 'a' / 'checkpoint'}",
+                                            "--max_steps=2", "--lr=1e-3", "--warmup_steps=0", "--min_lr_ratio=1",
+                                            "--block_out_channels=8,8", "--timestep_bias=earlier",
+                                            "--timestep_bias_multiplier=3"])
+    train(cfg)
+    got = load_models(tmp_path / "b" / "checkpoint")
+    assert got.unet.config.block_out_channels == (16, 32)  # from the checkpoint, not the flag
+    assert (tmp_path / "b" / "checkpoint" / "tokenizer" / "vocab.json").read_bytes() == \
+        (tmp_path / "a" / "checkpoint" / "tokenizer" / "vocab.json").read_bytes()
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(src, name).state_dict(), getattr(got, name).state_dict()
+        d = max(float((a[k] - b[k]).abs().max()) for k in a)
+        print(f"--init, 2 steps at lr 1e-3: {name} max weight change {d:.2e}")
+        assert 0 < d <= 2 * 1e-3 * 1.01 + 1e-3 * 0.01 * 2 * max(float(v.abs().max()) for v in a.values())
+
+    with pytest.raises(ConfigError, match=r"another diffusion schedule.*prediction_type: checkpoint 'epsilon', this run 'v_prediction'"):
+        train(parse_config(UNetTrainConfig, [*base, f"--out_dir={tmp_path / 'c'}", f"--init={tmp_path / 'a' / 'checkpoint'}",
+                                             "--prediction_type=v_prediction"])[0])
+    other = AutoencoderKL(VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8,
+                                    latent_channels=4, sample_size=32, mid_block_add_attention=False, scaling_factor=0.7))
+    other_dir = save_vae(other.eval(), tmp_path / "other" / "vae")
+    with pytest.raises(ConfigError, match=r"trained on latents of another autoencoder"):
+        train(parse_config(UNetTrainConfig, [*base, f"--out_dir={tmp_path / 'd'}", f"--vae={other_dir}",
+                                             f"--init={tmp_path / 'a' / 'checkpoint'}"])[0])
+    with pytest.raises(ConfigError, match=r"--init=.*nowhere"):
+        train(parse_config(UNetTrainConfig, [*base, f"--out_dir={tmp_path / 'e'}", f"--init={tmp_path / 'nowhere'}"])[0])

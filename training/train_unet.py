@@ -9,7 +9,10 @@ with sample grids, log), then the checkpoint folder (EMA weights) that `ldm expo
 
 The text encoder is trained jointly with the U-Net from scratch, the LDM paper's recipe for its
 text-to-image model (Rombach et al. 2022, Sec. 4.3.1); `--text_encoder=DIR` starts from a
-pretrained one instead (`--train_text_encoder=false` freezes it).
+pretrained one instead (`--train_text_encoder=false` freezes it). `--init=CHECKPOINT` fine-tunes
+a trained checkpoint (its U-Net, text encoder and tokenizer; the architecture flags are then read
+from it), e.g. with `--timestep_bias=earlier`, which draws low-noise timesteps more often (the
+`--timestep_bias_*` options follow diffusers' training scripts).
 
 Every random draw of a step (posterior sample, noise, timestep, caption dropout) is made for the
 whole global batch from one generator and then sliced by rank, so N processes with batch B/N each
@@ -44,6 +47,7 @@ from training.train_vae import load_vae
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
 
 
 @dataclass
@@ -63,7 +67,9 @@ class UNetTrainConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate_size: int = 512
-    # U-Net
+    # fine-tuning: start from a trained checkpoint folder (U-Net, text encoder, tokenizer); "" trains from scratch
+    init: str = ""
+    # U-Net (with --init, the architecture comes from the checkpoint)
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     attention: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 1
@@ -79,6 +85,13 @@ class UNetTrainConfig:
     beta_end: float = 0.012
     min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (5 is the paper's choice)
     caption_dropout: float = 0.1  # empty caption this often, for classifier-free guidance
+    # which timesteps get trained: uniform ("none"), or `multiplier` times as often in the first ("earlier",
+    # low noise) or last ("later", high noise) `portion` of the schedule, or in [begin, end) ("range")
+    timestep_bias: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     # optimisation
     batch_size: int = 32  # global, split over processes
     max_steps: int = 20_000
@@ -113,6 +126,16 @@ class UNetTrainConfig:
             raise ConfigError("--zero_snr=true needs --prediction_type=v_prediction (epsilon is undefined at SNR 0)")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"--caption_dropout: expected a probability in [0, 1), got {self.caption_dropout}")
+        common.check_choice("timestep_bias", self.timestep_bias, TIMESTEP_BIAS)
+        if not self.timestep_bias_multiplier > 0:
+            raise ConfigError(f"--timestep_bias_multiplier: expected a number > 0, got {self.timestep_bias_multiplier}")
+        if not 0.0 < self.timestep_bias_portion <= 1.0:
+            raise ConfigError(f"--timestep_bias_portion: expected a fraction in (0, 1], got {self.timestep_bias_portion}")
+        if self.timestep_bias == "range" and not (
+                0 <= self.timestep_bias_begin < self.timestep_bias_end <= self.num_train_timesteps):
+            raise ConfigError(f"--timestep_bias=range needs 0 <= --timestep_bias_begin < --timestep_bias_end <= "
+                              f"--num_train_timesteps ({self.num_train_timesteps}), got [{self.timestep_bias_begin}, "
+                              f"{self.timestep_bias_end})")
         if len(self.attention) != len(self.block_out_channels):
             raise ConfigError(f"--attention needs one flag per level of --block_out_channels "
                               f"({len(self.block_out_channels)}), got {len(self.attention)}")
@@ -150,6 +173,46 @@ def training_alphas_cumprod(cfg: UNetTrainConfig) -> torch.Tensor:
     if cfg.zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     return torch.from_numpy(alphas_cumprod_from_betas(betas))
+
+
+def timestep_weights(cfg: UNetTrainConfig) -> torch.Tensor | None:
+    """Probabilities of drawing each training timestep, or None for uniform draws (plain `randint`).
+
+    The biased timesteps get `multiplier` times the weight of the others: with "earlier" and portion p,
+    a draw lands in the first p * T timesteps with probability p m / (p m + 1 - p).
+    """
+    T = cfg.num_train_timesteps
+    if cfg.timestep_bias == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    k = max(1, int(round(cfg.timestep_bias_portion * T)))
+    biased = {"earlier": slice(0, k), "later": slice(T - k, T),
+              "range": slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)}[cfg.timestep_bias]
+    w = torch.ones(T, dtype=torch.float64)
+    w[biased] *= cfg.timestep_bias_multiplier
+    return w / w.sum()
+
+
+def init_models(cfg: UNetTrainConfig, vae_config) -> "LatentDiffusion":
+    """The checkpoint --init names, checked against this run: same training schedule and prediction
+    type, and latents of the same autoencoder (latent channels and scale factor)."""
+    from training.checkpoint import CheckpointError, load_models
+    try:
+        ld = load_models(cfg.init)
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"--init={cfg.init}: {e}") from e
+    ours, theirs = scheduler_config(cfg), ld.scheduler_config
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "rescale_betas_zero_snr")
+    diff = [f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in keys
+            if theirs.get(k, False if k == "rescale_betas_zero_snr" else None) != ours[k]]
+    if diff:
+        raise ConfigError(f"--init={cfg.init} was trained with another diffusion schedule; set the options to match "
+                          f"({'; '.join(diff)})")
+    vc = ld.vae_config
+    if vc.latent_channels != vae_config.latent_channels or abs(vc.scaling_factor - vae_config.scaling_factor) > 1e-6:
+        raise ConfigError(f"--init={cfg.init}: its U-Net was trained on latents of another autoencoder (latent channels "
+                          f"{vc.latent_channels}, scale factor {vc.scaling_factor:.6g}), --vae={cfg.vae} has "
+                          f"{vae_config.latent_channels} and {vae_config.scaling_factor:.6g}")
+    return ld
 
 
 def load_captions(cfg: UNetTrainConfig) -> tuple[ShapesDataset | FolderDataset, list[str]]:
@@ -233,11 +296,19 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         if not resume:
             (out / "config.json").write_text(json.dumps(common.config_to_dict(cfg), indent=2) + "\n")
 
+    # a checkpoint to fine-tune brings its models and tokenizer; the autoencoder must be the one it was trained on
+    vae = load_vae(cfg.vae).eval().requires_grad_(False)
+    vcfg = vae.config
+    init = init_models(cfg, vcfg) if cfg.init else None
+
     # data: captions and tokenizer
     ds, captions = load_captions(cfg)
     n = len(captions)
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else out / "tokenizer"
-    if not cfg.tokenizer and not (tok_dir / "vocab.json").is_file():
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init.tokenizer_dir if init else out / "tokenizer"
+    tok_config = {"model_max_length": 77, "pad_token": EOT_LITERAL, "bos_token": SOT_LITERAL, "eos_token": EOT_LITERAL}
+    if init and not cfg.tokenizer:
+        tok_config.update({k: v for k, v in init.tokenizer_config.items() if k in tok_config})
+    if not cfg.tokenizer and not init and not (tok_dir / "vocab.json").is_file():
         if d.is_main:
             train_tokenizer(captions, tok_dir, cfg.bpe_merges)
     if d.enabled:
@@ -245,13 +316,11 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
     for name in ("vocab.json", "merges.txt"):
         if not (tok_dir / name).is_file():
             raise ConfigError(f"--tokenizer: {tok_dir / name} is missing (expected a CLIP-format vocab.json + merges.txt)")
-    tokenizer = CLIPTokenizer(tok_dir / "vocab.json", tok_dir / "merges.txt", model_max_length=77, pad_token=EOT_LITERAL)
+    tokenizer = CLIPTokenizer(tok_dir / "vocab.json", tok_dir / "merges.txt", **tok_config)
     ids = torch.from_numpy(tokenizer(captions))  # (N, 77) int64
     empty_ids = torch.from_numpy(tokenizer([""]))[0]  # the unconditional prompt of classifier-free guidance
 
     # frozen autoencoder -> latents
-    vae = load_vae(cfg.vae).eval().requires_grad_(False)
-    vcfg = vae.config
     if cfg.image_size % vcfg.spatial_factor:
         raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of the VAE's spatial factor {vcfg.spatial_factor}")
     lat_mean, lat_logvar = latent_cache(cfg, vae, ds, n, d)
@@ -259,7 +328,14 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
 
     # models
     vocab = json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8"))
-    if cfg.text_encoder:
+    if init:
+        if cfg.text_encoder:
+            raise ConfigError("--init and --text_encoder both name a text encoder; give one")
+        text_encoder, tcfg = init.text_encoder.float(), init.text_config
+        if tcfg.vocab_size < len(vocab):
+            raise ConfigError(f"--tokenizer: its {len(vocab)} tokens do not fit the --init text encoder's "
+                              f"vocab_size {tcfg.vocab_size}")
+    elif cfg.text_encoder:
         te_dir = Path(cfg.text_encoder)
         tcfg = common.config_from_dict(TextEncoderConfig, json.loads((te_dir / "config.json").read_text()))
         text_encoder = CLIPTextEncoder(tcfg)
@@ -275,12 +351,18 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         text_encoder = CLIPTextEncoder(tcfg)
     text_encoder.requires_grad_(cfg.train_text_encoder)
     h = cfg.image_size // vcfg.spatial_factor
-    ucfg = UNetConfig(in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels,
-                      block_out_channels=cfg.block_out_channels, attention=cfg.attention,
-                      layers_per_block=cfg.layers_per_block, num_heads=None, head_dim=cfg.head_dim,
-                      cross_attention_dim=tcfg.hidden_size, norm_num_groups=cfg.norm_num_groups, sample_size=h,
-                      gradient_checkpointing=cfg.gradient_checkpointing)
-    unet = UNet(ucfg)
+    if init:
+        unet = init.unet.float().requires_grad_(True)
+        unet.config.gradient_checkpointing = cfg.gradient_checkpointing
+        if d.is_main:
+            logger.info("fine-tuning %s: U-Net %s", cfg.init, unet.config)
+    else:
+        ucfg = UNetConfig(in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels,
+                          block_out_channels=cfg.block_out_channels, attention=cfg.attention,
+                          layers_per_block=cfg.layers_per_block, num_heads=None, head_dim=cfg.head_dim,
+                          cross_attention_dim=tcfg.hidden_size, norm_num_groups=cfg.norm_num_groups, sample_size=h,
+                          gradient_checkpointing=cfg.gradient_checkpointing)
+        unet = UNet(ucfg)
     model = Denoiser(unet, text_encoder).to(d.device)
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
                  if d.enabled else model)
@@ -293,6 +375,7 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 3)
     gens = {"train": g}
     alphas_cumprod = training_alphas_cumprod(cfg).to(d.device)
+    t_weights = timestep_weights(cfg)
     step, pos = 0, (0, 0)
     metrics = common.MetricsLog(out / "metrics.jsonl", d.is_main)
     if resume:
@@ -319,8 +402,7 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         ema.copy_to(ema_model)
         return LatentDiffusion(
             unet=ema_model.unet.cpu(), vae=vae, text_encoder=ema_model.text_encoder.cpu(), tokenizer_dir=tok_dir,
-            tokenizer_config={"model_max_length": 77, "pad_token": EOT_LITERAL, "bos_token": SOT_LITERAL,
-                              "eos_token": EOT_LITERAL},
+            tokenizer_config=dict(tok_config),
             scheduler_config=scheduler_config(cfg), default_size=(cfg.image_size, cfg.image_size),
             extra={"training": {"step": step, "config": common.config_to_dict(cfg)}})
 
@@ -349,7 +431,8 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         b = cfg.batch_size
         post_eps = torch.randn((b, *lat_mean.shape[1:]), generator=g)
         noise = torch.randn((b, *lat_mean.shape[1:]), generator=g)
-        t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
+        t = (torch.randint(0, cfg.num_train_timesteps, (b,), generator=g) if t_weights is None
+             else torch.multinomial(t_weights, b, replacement=True, generator=g))
         drop = torch.rand((b,), generator=g) < cfg.caption_dropout
         mean, logvar = lat_mean[idx_t], lat_logvar[idx_t]
         z0 = ((mean + torch.exp(0.5 * logvar) * post_eps) - shift) * vcfg.scaling_factor
@@ -429,13 +512,15 @@ def _evaluate(ld: LatentDiffusion, prompts: list[str], attrs: list | None, cfg: 
 
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5),
-                        steps: int = 20, seed: int = 0, batch: int = 16, out_dir: str | Path | None = None) -> dict:
+                        steps: int = 20, seed: int = 0, batch: int = 16, out_dir: str | Path | None = None,
+                        denoise_strengths: tuple[float, ...] = ()) -> dict:
     """Prompt adherence of a checkpoint on the built-in data: {split: {guidance: scores}}.
 
     "val" prompts use (colour, kind) combinations seen in training (new samples); "heldout" prompts
     each name at least one combination never seen in training. Images come from `training.sample`
     (the checkpoint's own scheduler), scored by `training.evaluate.evaluate_images`. With
-    `out_dir`, the first 16 images of each setting are saved as a grid PNG.
+    `out_dir`, the first 16 images of each setting are saved as a grid PNG. Each of `denoise_strengths`
+    adds `denoise_scores` at every guidance scale: results["denoise"][strength][guidance].
     """
     from training.checkpoint import load_models
     from training.evaluate import evaluate_images
@@ -459,7 +544,33 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tu
             logger.info("%s guidance %g: %s", split, gs, {k: round(v, 3) for k, v in results[split][str(gs)].items()})
             if out_dir is not None:
                 common.save_grid(images[:16], Path(out_dir) / f"eval_{split}_g{gs:g}.png", ncols=8)
+    for strength in denoise_strengths:
+        per = results.setdefault("denoise", {})[f"{strength:g}"] = {}
+        for gs in guidance_scales:
+            per[str(gs)] = denoise_scores(ld, strength, n, gs, steps, seed, batch)
+            logger.info("denoising real latents from strength %g, guidance %g: %s", strength, gs,
+                        {k: round(v, 3) for k, v in per[str(gs)].items()})
     return results
+
+
+@torch.no_grad()
+def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_scale: float = 3.0, steps: int = 20,
+                   seed: int = 0, batch: int = 16) -> dict:
+    """The evaluator on real validation images encoded, noised to `strength` of the schedule and denoised
+    with their own captions (img2img through `training.sample`). This separates finishing a shape the
+    latents already hold (low strength) from creating one (text to image): a U-Net that scores well
+    below `vae_reconstruction_scores` here loses shapes in the last, low-noise steps."""
+    from training.evaluate import evaluate_images
+    from training.sample import sample_img2img
+
+    ds = ShapesDataset("val", size=ld.default_size[0], length=n, seed=seed)
+    items = [ds.sample(i) for i in range(n)]
+    images = np.concatenate([
+        sample_img2img(ld, [c for _, c, _ in items[a:a + batch]], np.stack([im for im, _, _ in items[a:a + batch]]),
+                       strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + a)
+        for a in range(0, n, batch)])
+    r = evaluate_images(list(images), [a for _, _, a in items])
+    return {k: r[k] for k in ("colour", "shape", "position", "size", "count", "background", "all")}
 
 
 @torch.no_grad()
