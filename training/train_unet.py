@@ -202,8 +202,9 @@ def init_models(cfg: UNetTrainConfig, vae_config) -> "LatentDiffusion":
         raise ConfigError(f"--init={cfg.init}: {e}") from e
     ours, theirs = scheduler_config(cfg), ld.scheduler_config
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "rescale_betas_zero_snr")
-    diff = [f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in keys
-            if theirs.get(k, False if k == "rescale_betas_zero_snr" else None) != ours[k]]
+    defaults = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}  # diffusers' when a config omits them
+    diff = [f"{k}: checkpoint {theirs.get(k, defaults.get(k))!r}, this run {ours[k]!r}" for k in keys
+            if theirs.get(k, defaults.get(k)) != ours[k]]
     if diff:
         raise ConfigError(f"--init={cfg.init} was trained with another diffusion schedule; set the options to match "
                           f"({'; '.join(diff)})")
