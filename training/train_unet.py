@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+SCORE_KEYS = ("colour", "shape", "position", "size", "count", "background", "all")  # what the evaluations report
 
 
 @dataclass
@@ -333,16 +334,11 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
         if cfg.text_encoder:
             raise ConfigError("--init and --text_encoder both name a text encoder; give one")
         text_encoder, tcfg = init.text_encoder.float(), init.text_config
-        if tcfg.vocab_size < len(vocab):
-            raise ConfigError(f"--tokenizer: its {len(vocab)} tokens do not fit the --init text encoder's "
-                              f"vocab_size {tcfg.vocab_size}")
     elif cfg.text_encoder:
         te_dir = Path(cfg.text_encoder)
         tcfg = common.config_from_dict(TextEncoderConfig, json.loads((te_dir / "config.json").read_text()))
         text_encoder = CLIPTextEncoder(tcfg)
         text_encoder.load_state_dict(load_file(str(te_dir / "model.safetensors")))
-        if tcfg.vocab_size < len(vocab):
-            raise ConfigError(f"--text_encoder: its vocab_size {tcfg.vocab_size} is smaller than the tokenizer's {len(vocab)}")
     else:
         tcfg = TextEncoderConfig(vocab_size=len(vocab), hidden_size=cfg.text_hidden_size,
                                  intermediate_size=cfg.text_intermediate_size, num_hidden_layers=cfg.text_layers,
@@ -350,6 +346,9 @@ def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
                                  bos_token_id=vocab[SOT_LITERAL], eos_token_id=vocab[EOT_LITERAL],
                                  pad_token_id=vocab[EOT_LITERAL])
         text_encoder = CLIPTextEncoder(tcfg)
+    if tcfg.vocab_size < len(vocab):  # a pretrained text encoder (--init or --text_encoder) with a larger tokenizer
+        which = "--init" if init else "--text_encoder"
+        raise ConfigError(f"{which}: its text encoder's vocab_size {tcfg.vocab_size} is smaller than the tokenizer's {len(vocab)}")
     text_encoder.requires_grad_(cfg.train_text_encoder)
     h = cfg.image_size // vcfg.spatial_factor
     if init:
@@ -541,7 +540,7 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tu
                 sample(ld, [c for _, c in pairs[a:a + batch]], num_inference_steps=steps, guidance_scale=gs,
                        seed=seed + a) for a in range(0, n, batch)])
             r = evaluate_images(list(images), [a for a, _ in pairs])
-            results[split][str(gs)] = {k: r[k] for k in ("colour", "shape", "position", "size", "count", "background", "all")}
+            results[split][str(gs)] = {k: r[k] for k in SCORE_KEYS}
             logger.info("%s guidance %g: %s", split, gs, {k: round(v, 3) for k, v in results[split][str(gs)].items()})
             if out_dir is not None:
                 common.save_grid(images[:16], Path(out_dir) / f"eval_{split}_g{gs:g}.png", ncols=8)
@@ -571,7 +570,7 @@ def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_s
                        strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + a)
         for a in range(0, n, batch)])
     r = evaluate_images(list(images), [a for _, _, a in items])
-    return {k: r[k] for k in ("colour", "shape", "position", "size", "count", "background", "all")}
+    return {k: r[k] for k in SCORE_KEYS}
 
 
 @torch.no_grad()
@@ -586,4 +585,4 @@ def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0) -> dic
     r = torch.cat([vae.decode(vae.encode(x[a:a + 32])[0]) for a in range(0, n, 32)])
     images = ((r.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     scores = evaluate_images(list(images), attrs)
-    return {k: scores[k] for k in ("colour", "shape", "position", "size", "count", "background", "all")}
+    return {k: scores[k] for k in SCORE_KEYS}
