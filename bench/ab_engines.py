@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from ldm_runtime.backends import load_engine
-from ldm_runtime.bench import component_feeds, parse_engine_options
+from bench.runtime import component_feeds, parse_engine_options
+from ldm_runtime.backends import engine_options, load_engine
 from ldm_runtime.manifest import Manifest
 from ldm_runtime.pipeline import Pipeline
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, opts = spec.partition(":")
         options = {"threads": 2, **parse_engine_options([o for o in opts.split(",") if o])}
         r0, t0 = rss_mb(), time.perf_counter()
-        engines[name] = load_engine(man, args.component, "onnxruntime", "cpu", **options)
+        engines[name] = load_engine(man, args.component, "onnxruntime", "cpu", engine_options("onnxruntime", **options))
         info[name] = {"options": options, "open_s": time.perf_counter() - t0, "rss_open_mb": rss_mb() - r0}
     ref = None
     for name, eng in engines.items():

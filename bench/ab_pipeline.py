@@ -19,9 +19,10 @@ import statistics
 import sys
 import time
 
-from ldm_runtime.bench import PROMPT, instrument, parse_engine_options
+from bench.runtime import PROMPT, parse_engine_options
 from ldm_runtime.guidance import EmbeddingCache
 from ldm_runtime.pipeline import Pipeline
+from ldm_runtime.timing import instrument
 
 CALL_KEYS = ("guidance_scale", "negative_cache")
 

@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from ldm_runtime.bench import PEAK_RSS_SNIPPET, PROMPT, instrument, machine_info, parse_engine_options, run_child, time_startup
+from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
+from bench.runtime import PROMPT, parse_engine_options, time_startup
+from ldm_runtime.timing import instrument
 
 log = logging.getLogger("compare_diffusers")
 
-# diffusers' start-up, the same steps as ldm_runtime.bench's child: imports, then from_pretrained,
+# diffusers' start-up, the same steps as bench.runtime's child: imports, then from_pretrained,
 # then one image for the peak RSS
 _DIFFUSERS_CHILD = r"""
 import json, sys, time
@@ -61,12 +63,7 @@ print("RESULT " + json.dumps(out))
 def diffusers_startup(folder: str, threads: int, repeats: int, steps: int, guidance_scale: float) -> dict[str, Any]:
     args = {"diffusers": str(folder), "threads": threads, "steps": steps, "prompt": PROMPT,
             "guidance_scale": guidance_scale}
-    run_child(_DIFFUSERS_CHILD, args)  # warm the page cache
-    runs = [run_child(_DIFFUSERS_CHILD, args) for _ in range(repeats)]
-    out: dict[str, Any] = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
-    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-    out["runs"] = runs
-    return out
+    return startup_runs(_DIFFUSERS_CHILD, args, repeats)
 
 
 def compare(bundle: str, diffusers_dir: str, steps: int = 20, repeats: int = 3, warmup: int = 1, threads: int = 2,

@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ from training.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 log = logging.getLogger("device_bench")
 
-CLIP_BPE = REPO / "ldm_runtime" / "data" / "clip-bpe"
+CLIP_BPE = REPO / "tests" / "data" / "clip-bpe"
 SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "skip_prk_steps": True, "set_alpha_to_one": False,
                   "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False}
@@ -231,7 +230,7 @@ def export_unet_onnx(unet: UNet, cfg: UNetConfig, h: int, w: int, folder: Path) 
 
 def ort_row(s: Setup, unet: UNet, device: str, folder: Path) -> dict[str, Any]:
     """The exported U-Net through the runtime's ``OnnxRuntimeEngine``: per-step seconds at batch 2."""
-    from ldm_runtime.backends.onnxruntime import OnnxRuntimeEngine
+    from ldm_runtime.backends.onnxruntime import OnnxRuntimeEngine, OrtOptions
     from ldm_runtime.manifest import TensorSpec
 
     f = s.vae.spatial_factor
@@ -248,7 +247,7 @@ def ort_row(s: Setup, unet: UNet, device: str, folder: Path) -> dict[str, Any]:
     outputs = (TensorSpec("out_sample", "float32", ("B", cfg.out_channels, "h", "w")),)
     t0 = time.perf_counter()
     threads = os.cpu_count() if device == "cpu" else None
-    eng = OnnxRuntimeEngine(path, inputs, outputs, name="unet", device=device, threads=threads)
+    eng = OnnxRuntimeEngine(path, inputs, outputs, name="unet", device=device, options=OrtOptions(threads=threads))
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, c, h, w), dtype=np.float32), "timestep": np.full((2,), 500.0, np.float32),
@@ -257,8 +256,7 @@ def ort_row(s: Setup, unet: UNet, device: str, folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"unet_step_s": statistics.median(times), "export_s": export_s, "session_s": load_s,
                            "threads": threads}
     try:  # cross-check the FLOP count against the graph's
-        sys.path.insert(0, str(REPO / "bench"))
-        from flops import count_flops
+        from bench.flops import count_flops
 
         out["graph_flops"] = count_flops(path, {"sample": (2, c, h, w), "timestep": (2,),
                                                 "encoder_hidden_states": (2, 77, d)})["total"]

@@ -254,12 +254,12 @@ def _ort_matmul(n: int, threads: int | None, b: np.ndarray):
 def unet_step_seconds(bundle: str, height: int, width: int, batch: int, threads: int | None, repeats: int,
                       opt_level: str = "all") -> float:
     """Median seconds of one U-Net call through the runtime's own engine (onnxruntime CPU)."""
-    from ldm_runtime.backends import load_engine
+    from ldm_runtime.backends import engine_options, load_engine
     from ldm_runtime.manifest import Manifest
 
     man = Manifest.load(bundle, verify=False)
     opts = {"opt_level": opt_level, **({"threads": threads} if threads else {})}
-    eng = load_engine(man, "unet", "onnxruntime", "cpu", **opts)
+    eng = load_engine(man, "unet", "onnxruntime", "cpu", engine_options("onnxruntime", **opts))
     rng = np.random.default_rng(0)
     feeds = {k: (rng.standard_normal(s, dtype=np.float32) if k != "timestep" else np.full(s, 500.0, np.float32))
              for k, s in unet_input_shapes(man.data, height, width, batch).items()}

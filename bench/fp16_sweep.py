@@ -59,7 +59,7 @@ def build_models(config: str, seed: int = 0):
     unet, vae, text = UNet(u), AutoencoderKL(v), CLIPTextEncoder(t)
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
-    bpe = Path(__file__).resolve().parents[1] / "ldm_runtime" / "data" / "clip-bpe"
+    bpe = Path(__file__).resolve().parents[1] / "tests" / "data" / "clip-bpe"
     return LatentDiffusion(unet=unet, vae=vae, text_encoder=text, tokenizer_dir=bpe,
                            tokenizer_config={"model_max_length": 77}, scheduler_config={}, default_size=(512, 512))
 

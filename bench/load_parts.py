@@ -23,6 +23,7 @@ CHILD = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 import onnxruntime
+from ldm_runtime.backends.onnxruntime import OrtOptions
 from ldm_runtime.manifest import Manifest
 from ldm_runtime.pipeline import Pipeline, files_in_use, verify_files
 t0 = time.perf_counter()
@@ -34,7 +35,7 @@ else:
     man = Manifest.load(args["bundle"], verify=False)
     verify_files(man, files_in_use(man, Pipeline.required_components, "onnxruntime", "cpu", args["cpu_variant"]))
 t1 = time.perf_counter()
-pipe = Pipeline(man, engine_options={"threads": 2, "cpu_variant": args["cpu_variant"]})
+pipe = Pipeline(man, options=OrtOptions(threads=2, cpu_variant=args["cpu_variant"]))
 comps = ("text_encoder", "unet", "vae_decoder")
 if args["open"] == "parallel":
     pipe.open_engines(comps)

@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 
+from bench.runtime import PROMPT
 from ldm_runtime import guidance
 from ldm_runtime.backends.base import check_feeds
-from ldm_runtime.bench import PROMPT, instrument
 from ldm_runtime.pipeline import Pipeline
 from ldm_runtime.schedulers import make_scheduler
+from ldm_runtime.timing import instrument
 
 
 def combine_split(noise_pred: np.ndarray, guidance_scale: float, guidance_rescale: float = 0.0) -> np.ndarray:
@@ -40,14 +41,14 @@ def loop_breakdown(pipe: Pipeline, steps: int, images: int, scale: float = 7.5) 
     session = getattr(eng, "session", None)
     if session is None:
         raise SystemExit("the U-Net engine has no onnxruntime session")
-    session = getattr(session, "_target", session)  # under ldm_runtime.bench.instrument
+    session = getattr(session, "_target", session)  # under ldm_runtime.timing.instrument
     names = [o.name for o in eng.outputs]
-    embeds, negative = pipe.encode_prompt([PROMPT], 1, True, None)
-    cond = guidance.cfg_embeddings(negative, embeds, scale)
+    embeds, negative = pipe.encode_prompt([PROMPT], 1, [""])  # guided, the empty negative prompt
+    cond = guidance.cfg_embeddings(negative, embeds)
     h, w = pipe.manifest.default_size
     acc: dict[str, float] = {}
     n = 0
-    dtypes = {s.name: np.dtype(s.dtype) for s in eng.inputs}  # as Pipeline.run_engine: once per engine
+    dtypes = {s.name: np.dtype(s.dtype) for s in eng.inputs}  # as Pipeline.cast_feeds: once per engine
     checked = None
     for image in range(images + 1):
         sched = make_scheduler(pipe.scheduler_name, pipe.scheduler_config)

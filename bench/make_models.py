@@ -7,7 +7,7 @@ Two models, each under ``engines/bench-<name>/`` (git-ignored)::
     engines/bench-<name>/bundle/      fp32 bundle (export.bundle.export_bundle) with CPU variants
                                       (export.optimize.optimize_bundle), what ``ldm bench`` runs
 
-- ``default``: the shipped default model (``engines/default/``, trained by training/recipes/default.sh);
+- ``default``: the shipped default model (``checkpoints/default/``, trained by training/recipes/default.sh);
   while it does not exist, a random stand-in of the same shape (KL-f4 VAE 32/64/64, U-Net 32/64/128
   with head_dim 32 and attention at levels 1-2, a 2-layer 64-wide text encoder, 64x64 images,
   v-prediction DDIM with trailing timesteps), with the CLIP BPE vocabulary instead of the learned one.
@@ -41,7 +41,7 @@ from training.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 log = logging.getLogger("make_models")
 
-CLIP_BPE = REPO / "ldm_runtime" / "data" / "clip-bpe"
+CLIP_BPE = REPO / "tests" / "data" / "clip-bpe"
 TOKENIZER = {"model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
              "eos_token": "<|endoftext|>"}
 SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", default=list(CONFIGS), help=f"any of {', '.join(CONFIGS)} (default: all)")
     p.add_argument("--root", type=Path, default=REPO / "engines")
-    p.add_argument("--default-src", type=Path, default=REPO / "engines" / "default",
+    p.add_argument("--default-src", type=Path, default=REPO / "checkpoints" / "default",
                    help="the trained default checkpoint (used when it exists)")
     p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
     p.add_argument("--threads", type=int, default=2)

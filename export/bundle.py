@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ldm_runtime.manifest import COMPONENTS, MANIFEST_NAME, SCHEMA, atomic_write_json, new_manifest, record_file
+from ldm_runtime.tokenizer import TOKENIZER_OPTIONS
 
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, OPSET, ExportResult, ParityError, export_component
 from .specs import dims_from_models
@@ -126,7 +127,6 @@ def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str,
     """The manifest of the bundle being built in ``root`` (files hashed from disk)."""
     man = new_manifest()
     vae = ld.vae_config
-    tc = ld.tokenizer_config
     man.update({
         "producer": {**man["producer"], **_versions()},
         "source": {"kind": ld.source_kind, "name": src.resolve().name},
@@ -137,9 +137,7 @@ def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str,
         "default_size": {"height": int(ld.default_size[0]), "width": int(ld.default_size[1])},
         "text": {"max_length": dims.max_length, "hidden_size": dims.hidden_size},
         "tokenizer": {"vocab": tokenizer_files[0], "merges": tokenizer_files[1],
-                      "model_max_length": int(tc.get("model_max_length", dims.max_length)),
-                      "pad_token": tc.get("pad_token"), "bos_token": tc.get("bos_token"),
-                      "eos_token": tc.get("eos_token")},
+                      **_tokenizer_options(ld.tokenizer_config, dims.max_length)},
         "scheduler": {"name": ld.scheduler_name, "config": dict(ld.scheduler_config)},
     })
     man["components"] = {c: r.manifest_entry() for c, r in results.items()}
@@ -147,6 +145,13 @@ def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str,
         if p.is_file() and p.name != MANIFEST_NAME:
             record_file(man, root, p.relative_to(root).as_posix())
     return man
+
+
+def _tokenizer_options(config: dict, max_length: int) -> dict[str, Any]:
+    """The source's tokenizer options that ``CLIPTokenizer`` takes (unset ones keep its defaults)."""
+    opts = {k: config[k] for k in TOKENIZER_OPTIONS if config.get(k) is not None}
+    opts["model_max_length"] = int(opts.get("model_max_length", max_length))
+    return opts
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -9,28 +9,12 @@ import argparse
 import logging
 import sys
 
+from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_size
 from ldm_runtime.manifest import COMPONENTS, BundleError
 
 
-def _size(s: str) -> tuple[int, int]:
-    try:
-        h, _, w = s.lower().partition("x")
-        return int(h), int(w or h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {s!r}") from None
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump; the caller turns it into an exit code
-        raise _ArgError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm export", description="Export a checkpoint or diffusers folder to an ONNX bundle.")
+    p = ArgumentParser(prog="ldm export", description="Export a checkpoint or diffusers folder to an ONNX bundle.")
     p.add_argument("src", help="our checkpoint folder or a diffusers pipeline folder")
     p.add_argument("out", help="the bundle folder to write (an existing bundle is replaced)")
     p.add_argument("--precision", default="fp32", help="fp32 or fp16 (default fp32)")
@@ -38,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
     p.add_argument("--threshold-bytes", type=int, default=None,
                    help="save models with more weight bytes than this with external data (default 2e9, 2 GB)")
-    p.add_argument("--size", type=_size, default=None,
+    p.add_argument("--size", type=parse_size, default=None,
                    help="HEIGHTxWIDTH in pixels where models are traced and checked (default: the model's default size)")
     p.add_argument("--no-cpu-variants", action="store_true",
                    help="fp32 only: skip the onnxruntime-CPU variants (fused attention, external weights)")
@@ -57,7 +41,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    except _ArgError as e:
+    except UsageError as e:
         print(f"ldm export: error: {e} (see ldm export --help)", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

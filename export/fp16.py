@@ -30,11 +30,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .graph_copy import infer_shapes, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -116,58 +118,6 @@ class Fp16Report:
         return {"nodes_fp32": self.nodes_fp32, "nodes_fp16": self.nodes_fp16, "casts_added": self.casts_added,
                 "constants_converted": self.constants_converted, "clipped_values": self.clipped_values,
                 "fp32_op_types": dict(sorted(self.fp32_op_types.items()))}
-
-
-# ---------------------------------------------------------------------------------------------
-# big models. Protobuf keeps a message's bytes in an arena that is freed only with the whole
-# message: editing a 3 GB model in place (new raw_data, deleted tensors) never returns memory.
-# So big graphs are rebuilt into a new message and the old one dropped, and shape inference
-# (which serialises, capped at 2 GB) runs on a copy whose big tensors carry no data.
-
-def _copy_fields(dst, src, skip: tuple[str, ...] = ()) -> None:
-    for fd, val in src.ListFields():
-        if fd.name in skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(val)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(val)
-        else:
-            setattr(dst, fd.name, val)
-
-
-def rebuild(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto],
-            initializers: Iterable[onnx.TensorProto]) -> onnx.ModelProto:
-    """A new model with ``model``'s metadata, inputs and outputs, and the given nodes and
-    initializers (no value_info: shape inference fills it again)."""
-    new = onnx.ModelProto()
-    _copy_fields(new, model, skip=("graph",))
-    _copy_fields(new.graph, model.graph, skip=("node", "initializer", "value_info"))
-    new.graph.node.extend(nodes)
-    for t in initializers:  # one at a time: never two copies of all weights
-        new.graph.initializer.append(t)
-    return new
-
-
-def _light(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> onnx.ModelProto:
-    """A copy whose tensors of ``min_bytes`` or more keep their type and dims but no data."""
-    def strip(t: onnx.TensorProto) -> onnx.TensorProto:
-        if len(t.raw_data) < min_bytes:
-            return t
-        light = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        return light
-    m = rebuild(model, model.graph.node, (strip(t) for t in model.graph.initializer))
-    m.graph.value_info.extend(model.graph.value_info)
-    return m
-
-
-def infer_types(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` that also works on models over 2 GB.
-
-    Returns a light copy of ``model`` (big tensors without data) with ``value_info`` filled
-    in: use it for types and shapes only.
-    """
-    return onnx.shape_inference.infer_shapes(_light(model), check_type=True, strict_mode=strict, data_prop=True)
 
 
 def _elem_types(inferred: onnx.ModelProto) -> dict[str, int]:
@@ -253,7 +203,7 @@ def _fp32_nodes(nodes: list[onnx.NodeProto], policy: Fp16Policy, data: list[bool
 
 
 # ---------------------------------------------------------------------------------------------
-# the conversion
+# the conversion, in five steps
 
 def convert_to_fp16(model: onnx.ModelProto, policy: Fp16Policy = Fp16Policy()) -> tuple[onnx.ModelProto, Fp16Report]:
     """Convert ``model`` (fp32) to fp16 following ``policy``; returns a new model and a report.
@@ -263,20 +213,50 @@ def convert_to_fp16(model: onnx.ModelProto, policy: Fp16Policy = Fp16Policy()) -
     nodes are reused: do not use ``model`` afterwards.
     """
     g = model.graph
+    _refuse_subgraphs(g)
+    types = _elem_types(infer_shapes(model))
+    nodes = list(g.node)
+    init = {t.name: t for t in g.initializer}
+    report = Fp16Report()
+    data, fp32_only = _data_flow(g, nodes, policy.fp32_io)  # 1. what computes on input data
+    keep = _fp32_nodes(nodes, policy, data, fp32_only, _producers(nodes))
+    cur = _retype_inputs(g, policy.fp32_io, types)  # 2. graph inputs
+    plan = _plan(nodes, data, keep, types, cur)  # 3. each compute node's precision
+    in_place = _fp16_in_place(nodes, plan, init)
+    cur.update(dict.fromkeys(in_place, FLOAT16))
+    report.constants_converted += len(in_place)
+    # 4. the nodes in order, converted at precision boundaries; 5. graph outputs
+    new_nodes, new_inits = _convert_nodes(nodes, plan, types, cur, _constants(init, nodes), report)
+    new_nodes += _retype_outputs(g, policy.fp32_io, cur, new_nodes, report)
+    model = _assemble(model, new_nodes, new_inits, in_place, report)
+    _check_fp16_types(model)
+    log.info("fp16: %d nodes fp16, %d fp32 (%s), %d casts, %d constants converted, %d values clipped",
+             report.nodes_fp16, report.nodes_fp32, report.fp32_op_types, report.casts_added,
+             report.constants_converted, report.clipped_values)
+    return model, report
+
+
+def _refuse_subgraphs(g: onnx.GraphProto) -> None:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         raise NotImplementedError("fp16 conversion of graphs with subgraphs (If/Loop/Scan) is not supported")
-    types = _elem_types(infer_types(model))
-    nodes = list(g.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    init = {t.name: t for t in g.initializer}
-    const_nodes = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-    report = Fp16Report()
 
-    # 1. data dependence (what flows from graph inputs other than through Shape/Size) and whether
-    #    that flow comes from fp32 inputs only
-    fp32_in = {i.name for i in g.input if i.name in policy.fp32_io}
+
+def _producers(nodes: list[onnx.NodeProto]) -> dict[str, int]:
+    return {o: i for i, n in enumerate(nodes) for o in n.output if o}
+
+
+def _constants(init: dict[str, onnx.TensorProto], nodes: list[onnx.NodeProto]) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor by name: initializers, and ``Constant`` nodes' values."""
+    values = {n.output[0]: n.attribute[0].t for n in nodes
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    return {**values, **init}
+
+
+def _data_flow(g: onnx.GraphProto, nodes: list[onnx.NodeProto], fp32_io: frozenset[str]) -> tuple[list[bool], list[bool]]:
+    """Step 1: per node, whether it computes on graph-input data (other than through Shape/Size),
+    and whether that data comes from fp32 inputs only."""
     src_data = {i.name: True for i in g.input}  # tensor -> depends on graph-input data
-    src_fp32_only = {i.name: i.name in fp32_in for i in g.input}
+    src_fp32_only = {i.name: i.name in fp32_io for i in g.input}
     data, fp32_only = [], []
     for n in nodes:
         ins = [x for x in n.input if x in src_data]
@@ -286,18 +266,25 @@ def convert_to_fp16(model: onnx.ModelProto, policy: Fp16Policy = Fp16Policy()) -
         fp32_only.append(f)
         for o in n.output:
             src_data[o], src_fp32_only[o] = d, f
-    keep = _fp32_nodes(nodes, policy, data, fp32_only, producer)
+    return data, fp32_only
 
-    # 2. graph inputs
-    cur = dict(types)  # tensor -> its type in the converted graph
+
+def _retype_inputs(g: onnx.GraphProto, fp32_io: frozenset[str], types: dict[str, int]) -> dict[str, int]:
+    """Step 2: float graph inputs become fp16 unless kept fp32. Returns each tensor's type in the
+    converted graph so far (the later steps keep it up to date)."""
+    cur = dict(types)
     for vi in g.input:
         tt = vi.type.tensor_type
-        if tt.elem_type == FLOAT and vi.name not in policy.fp32_io:
+        if tt.elem_type == FLOAT and vi.name not in fp32_io:
             tt.elem_type = FLOAT16
             cur[vi.name] = FLOAT16
+    return cur
 
-    # 3. each compute node's precision, and the float data slots it reads
-    plan: dict[int, tuple[int, list[int]]] = {}  # node -> (precision, float data input slots)
+
+def _plan(nodes: list[onnx.NodeProto], data: list[bool], keep: set[int], types: dict[str, int],
+          cur: dict[str, int]) -> dict[int, tuple[int, list[int]]]:
+    """Step 3: node -> (its precision, the float data input slots it reads), for compute nodes."""
+    plan: dict[int, tuple[int, list[int]]] = {}
     for i, n in enumerate(nodes):
         if not data[i] or n.op_type in _TYPED_BY_ATTR:
             continue
@@ -305,112 +292,141 @@ def convert_to_fp16(model: onnx.ModelProto, policy: Fp16Policy = Fp16Policy()) -
         float_in = [k for k in slots if k < len(n.input) and n.input[k] and cur.get(n.input[k]) in (FLOAT, FLOAT16)]
         if float_in or n.op_type == "Cast" or any(types.get(o) == FLOAT for o in n.output):
             plan[i] = (FLOAT if i in keep else FLOAT16, float_in)
-    # an initializer read only as fp16 data is converted under its own name (no fp32 copy kept)
+    return plan
+
+
+def _fp16_in_place(nodes: list[onnx.NodeProto], plan: dict[int, tuple[int, list[int]]],
+                   init: dict[str, onnx.TensorProto]) -> set[str]:
+    """Step 3 too: the fp32 initializers read only as fp16 data, converted under their own name
+    (no fp32 copy kept)."""
     wants: dict[str, set[int]] = {}
     for i, n in enumerate(nodes):
         prec, float_in = plan.get(i, (FLOAT, []))
         for k, x in enumerate(n.input):
             if x in init:
                 wants.setdefault(x, set()).add(prec if k in float_in else init[x].data_type)
-    in_place = {name for name, w in wants.items() if w == {FLOAT16} and init[name].data_type == FLOAT}
-    for name in in_place:
-        cur[name] = FLOAT16
-    report.constants_converted += len(in_place)
+    return {name for name, w in wants.items() if w == {FLOAT16} and init[name].data_type == FLOAT}
 
-    # 4. walk the nodes in order, converting at precision boundaries
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    converted: dict[tuple[str, int], str] = {}
 
-    def as_type(name: str, to: int) -> str:
+class _Boundaries:
+    """Step 4's conversions at precision boundaries: each (tensor, type) converted once, a constant
+    ahead of time (a converted copy), anything else by a ``Cast`` node appended to ``nodes``."""
+
+    def __init__(self, constants: dict[str, onnx.TensorProto], cur: dict[str, int], report: Fp16Report,
+                 nodes: list[onnx.NodeProto]):
+        self.constants, self.cur, self.report, self.nodes = constants, cur, report, nodes
+        self.inits: list[onnx.TensorProto] = []
+        self._done: dict[tuple[str, int], str] = {}
+
+    def as_type(self, name: str, to: int) -> str:
+        """The name of ``name`` converted to ``to``."""
         key = (name, to)
-        if key in converted:
-            return converted[key]
+        if key in self._done:
+            return self._done[key]
         suffix = "fp16" if to == FLOAT16 else "fp32"
-        src = init.get(name)
-        if src is None and name in const_nodes:
-            src = const_nodes[name].attribute[0].t
+        src = self.constants.get(name)
         if src is not None:  # a constant read in both precisions: a converted copy
             arr = numpy_helper.to_array(src)
-            arr = _to_fp16(arr, report) if to == FLOAT16 else arr.astype(np.float32)
-            new_inits.append(numpy_helper.from_array(arr, f"{name}__{suffix}"))
-            report.constants_converted += 1
+            arr = _to_fp16(arr, self.report) if to == FLOAT16 else arr.astype(np.float32)
+            self.inits.append(numpy_helper.from_array(arr, f"{name}__{suffix}"))
+            self.report.constants_converted += 1
         else:
-            new_nodes.append(helper.make_node("Cast", [name], [f"{name}__{suffix}"], to=to, name=f"{name}__cast_{suffix}"))
-            report.casts_added += 1
+            self.nodes.append(helper.make_node("Cast", [name], [f"{name}__{suffix}"], to=to, name=f"{name}__cast_{suffix}"))
+            self.report.casts_added += 1
         out = f"{name}__{suffix}"
-        converted[key] = out
-        cur[out] = to
+        self._done[key] = out
+        self.cur[out] = to
         return out
 
-    for i, n in enumerate(nodes):
-        if i not in plan:
-            new_nodes.append(n)
-            continue
-        prec, float_in = plan[i]
-        if prec == FLOAT:
-            report.nodes_fp32 += 1
-            report.fp32_op_types[n.op_type] = report.fp32_op_types.get(n.op_type, 0) + 1
-        else:
-            report.nodes_fp16 += 1
-        if n.op_type == "Cast":
-            to = next(a for a in n.attribute if a.name == "to")
-            if to.i in (FLOAT, FLOAT16):
-                to.i = prec
-                for o in n.output:
-                    cur[o] = prec
-            new_nodes.append(n)
-            continue
-        for k in float_in:
-            if cur[n.input[k]] != prec:
-                n.input[k] = as_type(n.input[k], prec)
-        for o in n.output:
-            if types.get(o) == FLOAT:
-                cur[o] = prec
-        new_nodes.append(n)
 
-    # 5. graph outputs: retype, and cast where the producer's precision differs from the declared type
+def _convert_nodes(nodes: list[onnx.NodeProto], plan: dict[int, tuple[int, list[int]]], types: dict[str, int],
+                   cur: dict[str, int], constants: dict[str, onnx.TensorProto],
+                   report: Fp16Report) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Step 4: walk the nodes in order, converting at precision boundaries. Returns the new node
+    list (conversions before their readers) and the converted constants."""
+    out: list[onnx.NodeProto] = []
+    boundaries = _Boundaries(constants, cur, report, out)
+    for i, n in enumerate(nodes):
+        if i in plan:
+            prec, float_in = plan[i]
+            _count(report, n.op_type, prec)
+            _retype_node(n, prec, float_in, types, cur, boundaries)
+        out.append(n)
+    return out, boundaries.inits
+
+
+def _count(report: Fp16Report, op_type: str, prec: int) -> None:
+    if prec == FLOAT:
+        report.nodes_fp32 += 1
+        report.fp32_op_types[op_type] = report.fp32_op_types.get(op_type, 0) + 1
+    else:
+        report.nodes_fp16 += 1
+
+
+def _retype_node(n: onnx.NodeProto, prec: int, float_in: list[int], types: dict[str, int], cur: dict[str, int],
+                 boundaries: _Boundaries) -> None:
+    """Make ``n`` compute at ``prec``: a float Cast casts to it, other nodes get their inputs converted."""
+    if n.op_type == "Cast":
+        to = next(a for a in n.attribute if a.name == "to")
+        if to.i in (FLOAT, FLOAT16):
+            to.i = prec
+            for o in n.output:
+                cur[o] = prec
+        return
+    for k in float_in:
+        if cur[n.input[k]] != prec:
+            n.input[k] = boundaries.as_type(n.input[k], prec)
+    for o in n.output:
+        if types.get(o) == FLOAT:
+            cur[o] = prec
+
+
+def _retype_outputs(g: onnx.GraphProto, fp32_io: frozenset[str], cur: dict[str, int], nodes: list[onnx.NodeProto],
+                    report: Fp16Report) -> list[onnx.NodeProto]:
+    """Step 5: float graph outputs take their declared type. Where the producer's precision differs,
+    ``nodes`` now write ``<name>__inner``; returns the Casts from there to the output."""
     renames: dict[str, str] = {}
     tail: list[onnx.NodeProto] = []
     for vi in g.output:
         tt = vi.type.tensor_type
         if tt.elem_type != FLOAT:
             continue
-        want = FLOAT if vi.name in policy.fp32_io else FLOAT16
+        want = FLOAT if vi.name in fp32_io else FLOAT16
         tt.elem_type = want
         if cur.get(vi.name) != want:
             inner = f"{vi.name}__inner"
             renames[vi.name] = inner
             tail.append(helper.make_node("Cast", [inner], [vi.name], to=want, name=f"{vi.name}__cast_out"))
             report.casts_added += 1
-    if renames:
-        for n in new_nodes:
-            for k, x in enumerate(n.input):
-                if x in renames:
-                    n.input[k] = renames[x]
-            for k, x in enumerate(n.output):
-                if x in renames:
-                    n.output[k] = renames[x]
-    # the converted model is a new message (see ``rebuild``); unused constants are left out
-    needed = _needed(new_nodes + tail, {o.name for o in g.output})
+    for n in nodes if renames else ():
+        for k, x in enumerate(n.input):
+            if x in renames:
+                n.input[k] = renames[x]
+        for k, x in enumerate(n.output):
+            if x in renames:
+                n.output[k] = renames[x]
+    return tail
 
-    def initializers():
-        for t in g.initializer:
-            if t.name not in needed:
-                continue
-            if t.name in in_place:
-                yield numpy_helper.from_array(_to_fp16(numpy_helper.to_array(t), report), t.name)
-            else:
-                yield t
-        yield from (t for t in new_inits if t.name in needed)
 
-    live = [n for n in new_nodes + tail if any(o in needed for o in n.output)]
-    model = rebuild(model, live, initializers())
-    _check_fp16_types(model)
-    log.info("fp16: %d nodes fp16, %d fp32 (%s), %d casts, %d constants converted, %d values clipped",
-             report.nodes_fp16, report.nodes_fp32, report.fp32_op_types, report.casts_added,
-             report.constants_converted, report.clipped_values)
-    return model, report
+def _assemble(model: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto],
+              in_place: set[str], report: Fp16Report) -> onnx.ModelProto:
+    """The converted model as a new message (see ``rebuild``); unused nodes and constants left out."""
+    needed = _needed(nodes, {o.name for o in model.graph.output})
+    live = [n for n in nodes if any(o in needed for o in n.output)]
+    return rebuild(model, live, _initializers(model.graph.initializer, new_inits, in_place, needed, report))
+
+
+def _initializers(old: Iterable[onnx.TensorProto], new: list[onnx.TensorProto], in_place: set[str],
+                  needed: set[str], report: Fp16Report) -> Iterator[onnx.TensorProto]:
+    """The needed initializers, those converted in place as fp16, then the converted copies."""
+    for t in old:
+        if t.name not in needed:
+            continue
+        if t.name in in_place:
+            yield numpy_helper.from_array(_to_fp16(numpy_helper.to_array(t), report), t.name)
+        else:
+            yield t
+    yield from (t for t in new if t.name in needed)
 
 
 def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -423,7 +439,7 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     keeps: what a strongly typed fp16 engine (TensorRT) stores, with fp32 accumulation inside ops.
     Feed it fp32 arrays holding fp16 values; its outputs are fp32 holding fp16 values.
     """
-    types = _elem_types(infer_types(model))
+    types = _elem_types(infer_shapes(model))
     new_nodes: list[onnx.NodeProto] = []
     for src in model.graph.node:
         n = onnx.NodeProto()
@@ -473,7 +489,7 @@ def _needed(nodes: list[onnx.NodeProto], outputs: set[str]) -> set[str]:
 def _check_fp16_types(model: onnx.ModelProto) -> None:
     """Strict shape inference over the converted graph: every type mismatch is an error here."""
     try:
-        infer_types(model, strict=True)
+        infer_shapes(model, strict=True)
     except onnx.shape_inference.InferenceError as e:
         raise ValueError(f"fp16 conversion produced an ill-typed graph: {e}") from None
 

@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from ldm_runtime.manifest import TensorSpec
 
-from .fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, infer_types, io_dtypes, policy_for
-from .specs import ComponentSpec, ModelDims, ProfileError, component_spec, profile, sample_inputs, with_dtypes
+from .fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, io_dtypes, policy_for
+from .graph_copy import infer_shapes
+from .specs import ComponentSpec, ModelDims, ProfileError, component_spec, sample_inputs, with_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,8 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, constants lifted to initializers, duplicate initializers and common
     subexpressions merged, dead nodes removed.
 
-    onnxscript's full ``optimize`` also runs pattern rewrites; measured on the tiny U-Net they
-    take 7.5 s of its 11-19 s for 8 fewer nodes (688 vs 696), so only the folding passes run.
+    onnxscript's full ``optimize`` also runs pattern rewrites, which take most of its time and
+    remove almost no nodes from our graphs, so only the folding passes run.
     """
     import onnx_ir as ir
     from onnx_ir.passes import common as passes
@@ -269,7 +270,6 @@ class ExportResult:
     opset: int
     nodes: dict[str, int]
     parity: dict[str, Any]
-    profile: dict[str, Any]
     fp16: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -277,7 +277,7 @@ class ExportResult:
         d: dict[str, Any] = {
             "file": self.file, "external_data": list(self.external_data),
             "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-            "opset": self.opset, "nodes": dict(self.nodes), "parity": self.parity, "profile": self.profile,
+            "opset": self.opset, "nodes": dict(self.nodes), "parity": self.parity,
         }
         if self.fp16 is not None:
             d["fp16"] = self.fp16
@@ -295,13 +295,11 @@ def parity_cases(spec: ComponentSpec, dims: ModelDims, size: tuple[int, int]) ->
 
 def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, precision: str = "fp32", *,
                      opset: int = OPSET, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
-                     size: tuple[int, int] | None = None, policy: Fp16Policy | None = None,
-                     profile_args: dict[str, Any] | None = None) -> ExportResult:
+                     size: tuple[int, int] | None = None, policy: Fp16Policy | None = None) -> ExportResult:
     """Export ``component`` of ``ld`` to ``out_dir/<component>.onnx``; gate it; describe it.
 
     ``size`` (pixels) is where the model is traced and checked (default: ``ld.default_size``).
     ``policy``: what stays fp32 in an fp16 export (default ``policy_for(component)``).
-    ``profile_args``: keyword arguments of ``specs.profile`` for the recorded engine profile.
     Raises ``ParityError`` when the ONNX model disagrees with torch beyond its threshold.
     """
     if precision not in ("fp32", "fp16"):
@@ -314,8 +312,6 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     f = dims.vae_scale_factor
     if size[0] % f or size[1] % f or min(size) <= 0:
         raise ProfileError(f"{component}: size {size[0]}x{size[1]} px is not a positive multiple of the VAE factor {f}")
-    prof = profile(spec, f, **{"min_size": min(256, *size) // f * f, "max_size": max(1024, *size),
-                               "opt_size": size, **(profile_args or {})})
     module = wrap(component, ld)
     scratch = out_dir / f".{component}.scratch"  # big models come out of torch as many files
     scratch.mkdir(parents=True, exist_ok=True)
@@ -341,7 +337,7 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     return ExportResult(
         component=component, file=path.name, external_data=external,
         inputs=with_dtypes(spec.inputs, dtypes), outputs=with_dtypes(spec.outputs, dtypes),
-        opset=opset_used, nodes=nodes, parity=parity, profile=prof, fp16=fp16_info, seconds=secs)
+        opset=opset_used, nodes=nodes, parity=parity, fp16=fp16_info, seconds=secs)
 
 
 def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: ModelDims, precision: str,
@@ -380,7 +376,7 @@ def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: Mo
         nodes["after_fp16"] = len(model.graph.node)
         fp16_info = {"policy": policy.to_dict(), **report.to_dict()}
         secs["fp16"] = time.perf_counter() - t0
-    infer_types(model, strict=True)  # shape inference must pass on what we ship
+    infer_shapes(model, strict=True)  # shape inference must pass on what we ship
 
     # one file, or the graph plus one external data file when the weights pass the threshold
     path = out_dir / f"{component}.onnx"

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
+
+from .graph_copy import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {i.name: i for i in g.initializer}
-        self.shapes = _infer_shapes(model, input_shapes)
+        self.shapes = _static_shapes(model, input_shapes)
         self.outputs = {o.name for o in g.output}
 
     def prod(self, name: str, op: str) -> onnx.NodeProto | None:
@@ -85,24 +87,9 @@ class _Graph:
         return None
 
 
-def _infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    # weights are not needed for shapes: drop the bytes of big ones so the copy stays small (small
-    # ones may be reshape targets whose values shape inference reads)
-    for init in m.graph.initializer:
-        if np.prod(init.dims) < 4096:
-            continue
-        init.ClearField("raw_data")
-        init.ClearField("float_data")
-        init.data_location = onnx.TensorProto.DEFAULT
-        del init.external_data[:]
-    for inp in m.graph.input:
-        if inp.name in input_shapes:
-            for d, v in zip(inp.type.tensor_type.shape.dim, input_shapes[inp.name]):
-                d.ClearField("dim_param")
-                d.dim_value = int(v)
-    m = shape_inference.infer_shapes(m, data_prop=True)
+def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's concrete shape with the graph inputs pinned to ``input_shapes``."""
+    m = infer_shapes(model, input_shapes=input_shapes)
     out = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for v in (*m.graph.input, *m.graph.value_info, *m.graph.output):
         t = v.type.tensor_type

@@ -39,7 +39,7 @@ class ComponentSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    batch_mult: int = 1  # the runtime calls the U-Net (and text encoder) on [uncond, cond] batches
+    batch_mult: int = 1  # the runtime calls the U-Net on [uncond, cond] batches (the text encoder per prompt batch)
 
     @property
     def input_names(self) -> list[str]:
@@ -67,7 +67,7 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
     L, D, C = dims.max_length, dims.hidden_size, dims.latent_channels
     if name == "text_encoder":
         return ComponentSpec(name, (TensorSpec("input_ids", "int64", ("B", L)),),
-                             (TensorSpec("last_hidden_state", f32, ("B", L, D)),), batch_mult=2)
+                             (TensorSpec("last_hidden_state", f32, ("B", L, D)),))
     if name == "unet":
         return ComponentSpec(
             name,
@@ -84,10 +84,6 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
         return ComponentSpec(name, (TensorSpec("image", f32, ("B", dims.image_channels, "H", "W")),),
                              (TensorSpec("mean", f32, ("B", C, "h", "w")), TensorSpec("logvar", f32, ("B", C, "h", "w"))))
     raise ValueError(f"unknown component {name!r}; expected one of {', '.join(COMPONENTS)}")
-
-
-def specs_for(dims: ModelDims, components: tuple[str, ...] = COMPONENTS) -> dict[str, ComponentSpec]:
-    return {c: component_spec(c, dims) for c in components}
 
 
 def dims_from_models(ld) -> ModelDims:

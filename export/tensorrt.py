@@ -74,7 +74,7 @@ class EngineBuildError(RuntimeError):
 class BuildOptions:
     min_size: int = 256  # image pixels, both sides
     max_size: int = 1024
-    max_batch: int = 4  # images per call; doubled for the U-Net and text encoder (CFG)
+    max_batch: int = 4  # images per call; doubled for the U-Net (CFG)
     opt_batch: int = 1
     opt_level: int = 3  # builder_optimization_level, 0..5
     workspace_gb: float | None = None  # None: TensorRT's default (the whole device)
@@ -186,6 +186,11 @@ def parity_check(onnx_path: str | os.PathLike, inputs: Sequence[TensorSpec], out
             "passed": bool(worst <= threshold), "seed": seed, "checks": checks}
 
 
+def parity_shape_sets(prof: Profile) -> list[dict[str, list[int]]]:
+    """The input shapes a plan is checked at: the profile's min, opt and max."""
+    return [{name: r[k] for name, r in prof.items()} for k in ("min", "opt", "max")]
+
+
 def _vocab_size(m: Manifest) -> int:
     vocab = m.tokenizer.get("vocab")
     try:
@@ -249,8 +254,10 @@ class PlanBuilder:
         if self._cache is None:
             cache = config.create_timing_cache(self._cache_seed)
             if cache is None or not config.set_timing_cache(cache, False):
-                log.warning("timing cache %s is for another GPU or TensorRT version (or damaged); starting a fresh one",
-                            self.timing_cache_path)
+                # what TensorRT logged about the rejected cache belongs here, not to a later build error
+                rejected = " | ".join(take_trt_errors()) or "no error logged"
+                log.warning("timing cache %s is for another GPU or TensorRT version (or damaged: %s); "
+                            "starting a fresh one", self.timing_cache_path, rejected)
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, False)
             self._cache = cache
@@ -346,8 +353,7 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
             raise EngineBuildError(str(e)) from None
         try:
             int_high = _vocab_size(m) if any(np.issubdtype(np.dtype(s.dtype), np.integer) for s in info.inputs) else 1
-            shape_sets = [{n: r[k] for n, r in prof.items()} for k in ("min", "opt")]
-            parity = parity_check(m.path(info.file), info.inputs, info.outputs, shape_sets, engine.run,
+            parity = parity_check(m.path(info.file), info.inputs, info.outputs, parity_shape_sets(prof), engine.run,
                                   threshold, seed=options.seed, int_high=int_high)
         finally:
             engine.close()

@@ -14,7 +14,7 @@ COMMANDS = {
     "build-engines": ("export.cli", "build_engines_main"),
     "train": ("training.cli", "main"),
     "generate": ("ldm_runtime.generate", "main"),
-    "bench": ("ldm_runtime.bench", "main"),
+    "bench": ("bench.runtime", "main"),
 }
 
 

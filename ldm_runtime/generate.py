@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
+from .cliargs import ArgumentParser, UsageError
 
 logger = logging.getLogger(__name__)
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise _UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm generate", description="Generate images from a prompt with a bundle (no torch).")
+    p = ArgumentParser(prog="ldm generate", description="Generate images from a prompt with a bundle (no torch).")
     p.add_argument("bundle", help="bundle folder (with manifest.json)")
     p.add_argument("prompt")
     p.add_argument("--negative-prompt", default=None)
@@ -84,7 +75,7 @@ def output_paths(out: str, seed: int, n: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"ldm generate: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
@@ -96,25 +87,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from .images import save_png
 
-    seed = secrets.randbelow(2**32) if a.seed is None else a.seed
     try:
         pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device)
-        height = a.height if a.height is not None else pipe.manifest.default_size[0]
-        width = a.width if a.width is not None else pipe.manifest.default_size[1]
-        scheduler = a.scheduler or pipe.scheduler_name
         out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
-                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=scheduler,
-                   height=height, width=width, num_images_per_prompt=a.num_images, seed=seed,
+                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
+                   height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
                    callback=ProgressBar(a.steps))
-        params = {
-            "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": seed, "steps": a.steps,
-            "scheduler": scheduler, "guidance_scale": a.guidance_scale, "guidance_rescale": a.guidance_rescale,
-            "height": height, "width": width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
+        params = {  # what the pipeline used, defaults and a picked seed included
+            "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": out.seed, "steps": a.steps,
+            "scheduler": out.scheduler, "guidance_scale": a.guidance_scale, "guidance_rescale": a.guidance_rescale,
+            "height": out.height, "width": out.width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
             "precision": pipe.manifest.precision, "backend": a.backend, "device": a.device,
             "ldm_runtime": __version__,
         }
         paths = [save_png(image, path, {**params, "index": i})
-                 for i, (image, path) in enumerate(zip(out.images, output_paths(a.out, seed, len(out.images))))]
+                 for i, (image, path) in enumerate(zip(out.images, output_paths(a.out, out.seed, len(out.images))))]
     except (BundleError, ValueError, OSError) as e:  # bad input: a bundle, an argument, an output path
         print(f"ldm generate: error: {e}", file=sys.stderr)
         return 2

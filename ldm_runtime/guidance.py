@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,9 +19,17 @@ logger = logging.getLogger(__name__)
 ModelFn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
 
 
-def do_cfg(guidance_scale: float) -> bool:
-    """Guidance is on only above 1: at 1 the unconditional term cancels, below it is disabled (as diffusers)."""
-    return guidance_scale > 1.0
+@dataclass(frozen=True)
+class Guidance:
+    """The guidance of one call: ``scale`` and ``rescale`` (``rescale_noise_cfg``); ``enabled`` decides on/off."""
+
+    scale: float
+    rescale: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """On only above 1: at 1 the unconditional term cancels, below it is disabled (as diffusers)."""
+        return self.scale > 1.0
 
 
 def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
@@ -48,28 +57,27 @@ def combine(noise_pred: np.ndarray, guidance_scale: float, guidance_rescale: flo
     return guided
 
 
-def cfg_embeddings(negative: np.ndarray | None, positive: np.ndarray, guidance_scale: float) -> np.ndarray:
-    """The encoder_hidden_states the U-Net sees: [negative; positive] (2B) with guidance, positive (B) without."""
-    if not do_cfg(guidance_scale):
+def cfg_embeddings(negative: np.ndarray | None, positive: np.ndarray) -> np.ndarray:
+    """The encoder_hidden_states the U-Net sees: [negative; positive] (2B) with guidance, positive (B) without
+    (``negative`` None: the caller decided on no guidance and encoded no negative prompt)."""
+    if negative is None:
         return positive
-    if negative is None or negative.shape != positive.shape:
-        raise ValueError(f"guidance needs negative embeddings of shape {positive.shape}, "
-                         f"got {None if negative is None else negative.shape}")
+    if negative.shape != positive.shape:
+        raise ValueError(f"guidance needs negative embeddings of shape {positive.shape}, got {negative.shape}")
     return np.concatenate([negative, positive])
 
 
-def cfg_denoiser(model: ModelFn, cond: np.ndarray, guidance_scale: float, guidance_rescale: float = 0.0
-                 ) -> Callable[[np.ndarray, float], np.ndarray]:
-    """Wrap ``model(x, t, cond)`` into ``denoise(x, t)``: one model call per step, guided when scale > 1.
+def cfg_denoiser(model: ModelFn, cond: np.ndarray, cfg: Guidance) -> Callable[[np.ndarray, float], np.ndarray]:
+    """Wrap ``model(x, t, cond)`` into ``denoise(x, t)``: one model call per step, guided when ``cfg.enabled``.
 
     ``cond`` comes from ``cfg_embeddings`` (2B rows with guidance, B without); ``x`` has B rows.
     """
-    if not do_cfg(guidance_scale):
+    if not cfg.enabled:
         return lambda x, t: model(x, t, cond)
 
     def denoise(x: np.ndarray, t: float) -> np.ndarray:
         out = model(np.concatenate([x, x]), t, cond)  # (2B, C, h, w): [uncond; cond]
-        return combine(out, guidance_scale, guidance_rescale)
+        return combine(out, cfg.scale, cfg.rescale)
 
     return denoise
 

@@ -22,8 +22,7 @@ Schema (version 1)::
           "inputs":  [{"name": "sample", "dtype": "float32", "shape": ["B", 4, "h", "w"]}, ...],
           "outputs": [{"name": "out_sample", "dtype": "float32", "shape": ["B", 4, "h", "w"]}],
           "nodes": {"before": 1234, "after": 987},   # graph clean-up
-          "parity": {"metric": value, ...},          # measured at export against torch
-          "profile": {...}                           # shape ranges for engine builds
+          "parity": {"metric": value, ...}           # measured at export against torch
         },
         "text_encoder": {...}, "vae_decoder": {...}, "vae_encoder": {...}
       },
@@ -31,12 +30,13 @@ Schema (version 1)::
       "default_size": {"height": 512, "width": 512},
       "text": {"max_length": 77, "hidden_size": 768},
       "tokenizer": {"vocab": "tokenizer/vocab.json", "merges": "tokenizer/merges.txt",
-                    "model_max_length": 77, "pad_token": "<|endoftext|>"},
+                    "model_max_length": 77, "pad_token": "<|endoftext|>", ...},  # tokenizer.TOKENIZER_OPTIONS
       "scheduler": {"name": "pndm", "config": {...diffusers scheduler config keys...}},
       "engines": {"<key>": {"component": "unet", "file": "...", "onnx_sha256": "...", ...}}
     }
 
-Symbolic dimensions are strings; fixed ones are ints.
+Symbolic dimensions are strings; fixed ones are ints. Older bundles may carry a component
+``profile`` (shape ranges that nothing read; engine builds compute their own): it is ignored.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import guidance
-from .backends import BACKENDS, Engine, load_engine
+from .backends import BACKENDS, Engine, engine_options, load_engine
 from .images import postprocess, preprocess
 from .manifest import BundleError, Manifest
 from .tokenizer import CLIPTokenizer
@@ -41,11 +41,15 @@ class NonFiniteOutputError(RuntimeError):
 class PipelineOutput:
     """``images``: a list of PIL images, or float32 (B, H, W, 3) in [0, 1] for ``output_type="np"``.
 
-    ``seed`` is the seed the call drew its noise from (picked at random when none was given).
+    What the call used where it chose: ``seed`` (picked at random when none was given), the
+    ``scheduler`` name and the image ``height`` and ``width`` (the bundle's defaults when not given).
     """
 
     images: Any
     seed: int | None = None
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
 
 
 def _scheduler_module():
@@ -60,7 +64,7 @@ class BasePipeline:
     required_components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
 
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu",
-                 engine_options: dict | None = None, negative_cache_size: int = 32):
+                 options: Any = None, negative_cache_size: int = 32):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         missing = [c for c in self.required_components if not manifest.has(c)]
@@ -69,7 +73,7 @@ class BasePipeline:
                               f"the bundle lacks {missing}")
         self.manifest = manifest
         self.backend, self.device = backend, device
-        self.engine_options = dict(engine_options or {})
+        self.options = engine_options(backend, options)  # OrtOptions on onnxruntime; see backends.engine_options
         self.engines: dict[str, Engine] = {}  # opened lazily; tests and tools may swap in wrappers
         self._input_dtypes: dict[str, tuple[Engine, dict[str, np.dtype]]] = {}  # component -> (engine, input dtypes)
         self.tokenizer = CLIPTokenizer.from_manifest_entry(manifest.root, manifest.tokenizer)
@@ -87,13 +91,18 @@ class BasePipeline:
                               f"differs from text.max_length {manifest.text_max_length}")
 
     @classmethod
-    def load(cls, bundle: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu", **engine_options):
-        """Read ``bundle``'s manifest and verify (size, sha256) every file this pipeline can read; engines
-        open on first use with ``engine_options``."""
+    def load(cls, bundle: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
+             options: Any = None, **option_overrides: Any):
+        """Read ``bundle``'s manifest and verify (size, sha256) every file this pipeline can read.
+
+        Engines open on first use with ``options`` (onnxruntime: an ``OrtOptions``); keywords such
+        as ``threads=1`` or ``cpu_variant=False`` override single fields of it.
+        """
+        options = engine_options(backend, options, **option_overrides)
         manifest = Manifest.load(bundle, verify=False)
-        verify_files(manifest, files_in_use(manifest, cls.required_components, backend, device,
-                                            engine_options.get("cpu_variant", True)))
-        return cls(manifest, backend=backend, device=device, engine_options=engine_options)
+        cpu_variant = backend == "onnxruntime" and options.cpu_variant
+        verify_files(manifest, files_in_use(manifest, cls.required_components, backend, device, cpu_variant))
+        return cls(manifest, backend=backend, device=device, options=options)
 
     # -- engines -------------------------------------------------------------------------------
     def engine(self, component: str) -> Engine:
@@ -101,15 +110,14 @@ class BasePipeline:
         eng = self.engines.get(component)
         if eng is None:
             logger.info("opening %s on %s/%s", component, self.backend, self.device)
-            eng = load_engine(self.manifest, component, self.backend, self.device, **self.engine_options)
+            eng = load_engine(self.manifest, component, self.backend, self.device, self.options)
             self.engines[component] = eng
         return eng
 
     def open_engines(self, components: tuple[str, ...] | None = None) -> None:
         """Open ``components`` (default: ``required_components``) that are not open yet, now.
 
-        On onnxruntime the sessions are created concurrently: session creation releases the GIL
-        (three engines of a mid-size bundle on 2 cores: 0.84 s one after another, 0.60 s together).
+        On onnxruntime the sessions are created concurrently: session creation releases the GIL.
         """
         todo = [c for c in (components or self.required_components) if c not in self.engines]
         if len(todo) < 2 or self.backend != "onnxruntime":
@@ -120,21 +128,25 @@ class BasePipeline:
 
         logger.info("opening %s on %s/%s", ", ".join(todo), self.backend, self.device)
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            opened = list(pool.map(lambda c: load_engine(self.manifest, c, self.backend, self.device,
-                                                         **self.engine_options), todo))
+            opened = list(pool.map(lambda c: load_engine(self.manifest, c, self.backend, self.device, self.options),
+                                   todo))
         for c, eng in zip(todo, opened):
             self.engines.setdefault(c, eng)
 
-    def run_engine(self, component: str, feeds: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
-        """Cast feeds to the engine's declared dtypes, run, check outputs are finite, return float32."""
+    def cast_feeds(self, component: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Feeds as contiguous arrays of ``component``'s declared input dtypes: the one place they are cast
+        (engines check dtypes, never cast). Values already placed by ``to_engine`` pass as they are."""
         eng = self.engine(component)
         cached = self._input_dtypes.get(component)
         if cached is None or cached[0] is not eng:  # once per engine: this runs every step
             cached = self._input_dtypes[component] = (eng, {s.name: np.dtype(s.dtype) for s in eng.inputs})
         dtypes = cached[1]
-        # feeds already placed by ``to_engine`` (device values) pass as they are
-        outs = eng.run({k: v.astype(dtypes.get(k, v.dtype), copy=False) if isinstance(v, np.ndarray) else v
-                        for k, v in feeds.items()})
+        return {k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) if isinstance(v, np.ndarray) else v
+                for k, v in feeds.items()}
+
+    def run_engine(self, component: str, feeds: dict[str, Any], where: str = "") -> dict[str, np.ndarray]:
+        """Cast feeds to the engine's dtypes, run, check outputs are finite, return float32."""
+        outs = self.engine(component).run(self.cast_feeds(component, feeds))
         result = {}
         for name, v in outs.items():
             v = np.asarray(v)
@@ -149,12 +161,12 @@ class BasePipeline:
             result[name] = v
         return result
 
-    def engine_shapes(self, num_prompts: int, batch_size: int, height: int, width: int, do_cfg: bool,
+    def engine_shapes(self, num_prompts: int, batch_size: int, height: int, width: int, guided: bool,
                       num_images: int = 1) -> dict[str, dict[str, tuple[int, ...]]]:
         """The input shapes each component will be fed in one call (text encoder: prompts, and negatives)."""
         f, L = self.vae_scale_factor, self.manifest.text_max_length
         h, w, c = height // f, width // f, self.latent_channels
-        bu = 2 * batch_size if do_cfg else batch_size
+        bu = 2 * batch_size if guided else batch_size
         hidden = self.manifest.text_hidden_size
         return {
             "text_encoder": {"input_ids": (num_prompts, L)},
@@ -180,10 +192,8 @@ class BasePipeline:
     def to_engine(self, component: str, name: str, arr: np.ndarray) -> Any:
         """Cast ``arr`` to input ``name``'s dtype and, where the engine can, place it on its device once
         (onnxruntime CUDA: an OrtValue), for inputs that stay the same over the whole loop."""
-        eng = self.engine(component)
-        dtype = {s.name: s.dtype for s in eng.inputs}.get(name, arr.dtype)
-        arr = np.ascontiguousarray(arr, dtype=dtype)
-        to_device = getattr(eng, "to_device", None)
+        arr = self.cast_feeds(component, {name: arr})[name]
+        to_device = getattr(self.engine(component), "to_device", None)
         return to_device(arr) if to_device is not None else arr
 
     # -- helpers (diffusers' names) ------------------------------------------------------------
@@ -191,22 +201,19 @@ class BasePipeline:
         """(N, L) int64 -> (N, L, D) float32 through the text encoder."""
         return self.run_engine("text_encoder", {"input_ids": ids}, where="encode_prompt")["last_hidden_state"]
 
-    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1,
-                      do_classifier_free_guidance: bool = True,
-                      negative_prompt: str | list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompt(s) -> (prompt_embeds, negative_prompt_embeds or None), each (B * n, L, D).
+    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1,
+                      negative_prompts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompts -> (prompt_embeds, negative_prompt_embeds or None), each (B * n, L, D).
 
-        Rows are repeated per image: prompt 0 n times, then prompt 1, ... (as diffusers). Negative
-        embeddings come through ``negative_cache``.
+        ``negative_prompts``: one per prompt (``guidance.negative_prompts``), or None without
+        guidance. Rows are repeated per image: prompt 0 n times, then prompt 1, ... (as diffusers).
+        Negative embeddings come through ``negative_cache``.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds = self._text_embeddings(self.tokenizer(prompts))
-        negative = None
-        if do_classifier_free_guidance:
-            neg_ids = self.tokenizer(guidance.negative_prompts(negative_prompt, len(prompts)))
-            negative = self.negative_cache.encode(neg_ids, self._text_embeddings)
-            negative = np.repeat(negative, num_images_per_prompt, axis=0)
-        return np.repeat(embeds, num_images_per_prompt, axis=0), negative
+        embeds = np.repeat(self._text_embeddings(self.tokenizer(prompts)), num_images_per_prompt, axis=0)
+        if negative_prompts is None:
+            return embeds, None
+        negative = self.negative_cache.encode(self.tokenizer(negative_prompts), self._text_embeddings)
+        return embeds, np.repeat(negative, num_images_per_prompt, axis=0)
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -232,42 +239,31 @@ class BasePipeline:
         return self.run_engine("unet", feeds, where=f"step {step} (timestep {t})")["out_sample"]
 
     def denoise(self, latents: np.ndarray, timesteps: np.ndarray, sched: Any, embeds: np.ndarray,
-                guidance_scale: float, guidance_rescale: float, rng: np.random.Generator,
-                num_inference_steps: int, callback: Callback | None = None) -> np.ndarray:
+                cfg: guidance.Guidance, rng: np.random.Generator,
+                callback: Callback | None = None) -> np.ndarray:
         """The sampling loop: scale input, one (guided) U-Net call, scheduler step; returns z_0."""
-        # multistep schedulers may repeat a timestep at the start (PNDM): the callback ticks once
-        # per inference step, on the same iterations as diffusers' progress bar
-        num_warmup = len(timesteps) - num_inference_steps * sched.order
+        user_steps = sched.user_steps  # the callback ticks once per inference step, not per warm-up call
         embeds = self.to_engine("unet", "encoder_hidden_states", embeds)  # the same for every step
         step = [0]  # the model function reads the step index for its error messages
-        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, c, step[0]), embeds, guidance_scale,
-                                        guidance_rescale)
+        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, c, step[0]), embeds, cfg)
         tick = 0
         for i, t in enumerate(timesteps):
             step[0] = i
             noise_pred = denoise(sched.scale_model_input(latents, t), t)
             latents = np.asarray(sched.step(noise_pred, t, latents, generator=rng), dtype=np.float32)
-            if callback is not None and (i == len(timesteps) - 1 or (i + 1 > num_warmup and (i + 1) % sched.order == 0)):
+            if callback is not None and user_steps[i]:
                 callback(tick, t, latents)
                 tick += 1
         return latents
 
-    # -- input checks (all before any model runs) ----------------------------------------------
-    def _check_common(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
-                      scheduler, num_images_per_prompt, seed, output_type, callback) -> tuple[list[str], Any]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise PipelineInputError("prompt is an empty list; pass at least one prompt")
-            if not all(isinstance(p, str) for p in prompt):
-                raise PipelineInputError(f"prompt must be a str or a list of str, got items of type "
-                                         f"{sorted({type(p).__name__ for p in prompt})}")
-            prompts = list(prompt)
-        else:
-            raise PipelineInputError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    # -- input checks and the scheduler (all before any model runs) ----------------------------
+    def _check_common(self, *, prompt: Any, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
+                      guidance_rescale: Any, num_images_per_prompt: Any, seed: Any, output_type: Any,
+                      callback: Any) -> tuple[list[str], list[str]]:
+        """The checks both pipelines share; returns (prompts, one negative prompt per prompt)."""
+        prompts = _prompt_list(prompt)
         try:
-            guidance.negative_prompts(negative_prompt, len(prompts))
+            negatives = guidance.negative_prompts(negative_prompt, len(prompts))
         except (TypeError, ValueError) as e:
             raise PipelineInputError(str(e)) from None
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
@@ -284,17 +280,7 @@ class BasePipeline:
             raise PipelineInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback is not None and not callable(callback):
             raise PipelineInputError(f"callback must be callable(step, timestep, latents), got {type(callback).__name__}")
-        name = self.scheduler_name if scheduler is None else scheduler
-        valid = _scheduler_module().SCHEDULERS
-        if not isinstance(name, str) or name not in valid:
-            raise PipelineInputError(f"unknown scheduler {name!r}; expected one of {', '.join(valid)}")
-        # building the schedule is pure numpy: config and step-count problems surface here, before any model
-        try:
-            sched = _scheduler_module().make_scheduler(name, self.scheduler_config)
-            sched.set_timesteps(num_inference_steps)
-        except ValueError as e:
-            raise PipelineInputError(f"scheduler {name!r}: {e}") from None
-        return prompts, sched
+        return prompts, negatives
 
     def _check_size(self, height: Any, width: Any) -> None:
         f = self.vae_scale_factor
@@ -302,28 +288,53 @@ class BasePipeline:
             if not _is_int(v) or v < f or v % f:
                 raise PipelineInputError(f"{what} must be a positive multiple of {f} (the VAE's spatial factor), got {v!r}")
 
+    def prepare_scheduler(self, scheduler: str | None, num_inference_steps: int) -> Any:
+        """The call's one scheduler: ``scheduler`` (None: the bundle's) built and set to ``num_inference_steps``.
+
+        Building the schedule is pure numpy, so config and step-count problems surface here, as
+        ``PipelineInputError``, before any model runs.
+        """
+        name = self.scheduler_name if scheduler is None else scheduler
+        valid = _scheduler_module().SCHEDULERS
+        if not isinstance(name, str) or name not in valid:
+            raise PipelineInputError(f"unknown scheduler {name!r}; expected one of {', '.join(valid)}")
+        try:
+            sched = _scheduler_module().make_scheduler(name, self.scheduler_config)
+            sched.set_timesteps(num_inference_steps)
+        except ValueError as e:
+            raise PipelineInputError(f"scheduler {name!r}: {e}") from None
+        return sched
+
+    def _output(self, latents: np.ndarray, output_type: str, seed: int, sched: Any, height: int, width: int
+                ) -> PipelineOutput:
+        """6. decode, 7. postprocess, and what the call used."""
+        images = postprocess(self.decode_latents(latents), output_type)
+        return PipelineOutput(images=images, seed=seed, scheduler=sched.name, height=height, width=width)
+
 
 class Pipeline(BasePipeline):
     """Text to image: ``Pipeline.load(bundle)(prompt, ...)``; see ``__call__``."""
 
-    def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                     guidance_rescale, scheduler, num_images_per_prompt, seed, latents, output_type, callback
-                     ) -> tuple[list[str], Any]:
-        """Raise ``PipelineInputError`` for any argument that cannot work; return (prompts, fresh scheduler)."""
-        prompts, sched = self._check_common(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                            guidance_rescale, scheduler, num_images_per_prompt, seed, output_type,
-                                            callback)
+    def check_inputs(self, *, prompt: Any, negative_prompt: Any, height: Any, width: Any, num_inference_steps: Any,
+                     guidance_scale: Any, guidance_rescale: Any, num_images_per_prompt: Any, seed: Any,
+                     latents: Any, output_type: Any, callback: Any) -> tuple[list[str], list[str]]:
+        """Raise ``PipelineInputError`` for any argument that cannot work; return (prompts, negative prompts)."""
+        prompts, negatives = self._check_common(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
         self._check_size(height, width)
         if latents is not None:
-            want = self.latent_shape(len(prompts) * num_images_per_prompt, height, width)
-            if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != want:
-                got = (f"{latents.dtype} {list(latents.shape)}" if isinstance(latents, np.ndarray)
-                       else type(latents).__name__)
-                raise PipelineInputError(f"latents must be float32 {list(want)} (batch = prompts x num_images_per_prompt, "
-                                         f"channels, height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {got}")
-            if not np.isfinite(latents).all():
-                raise PipelineInputError("latents contain NaN or Inf")
-        return prompts, sched
+            self._check_latents(latents, self.latent_shape(len(prompts) * num_images_per_prompt, height, width))
+        return prompts, negatives
+
+    def _check_latents(self, latents: Any, want: tuple[int, ...]) -> None:
+        if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != want:
+            got = f"{latents.dtype} {list(latents.shape)}" if isinstance(latents, np.ndarray) else type(latents).__name__
+            raise PipelineInputError(f"latents must be float32 {list(want)} (batch = prompts x num_images_per_prompt, "
+                                     f"channels, height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {got}")
+        if not np.isfinite(latents).all():
+            raise PipelineInputError("latents contain NaN or Inf")
 
     def __call__(
         self,
@@ -346,38 +357,41 @@ class Pipeline(BasePipeline):
         guidance_scale <= 1 disables classifier-free guidance (one B-row U-Net call per step);
         above 1 each step is one U-Net call on [negative; prompt] (2B rows). ``latents`` is z_T
         before scheduler scaling, float32 (B * num_images_per_prompt, C, height/f, width/f).
-        ``callback(step, timestep, latents)`` runs once per inference step.
+        ``callback(step, timestep, latents)`` runs once per inference step. Without ``seed``,
+        ``height`` or ``width`` the call picks them and reports them in the output.
         """
-        # 1. check inputs (nothing runs before this passes)
+        # 1. check inputs, build the scheduler (nothing runs before both pass)
         dh, dw = self.manifest.default_size
         height, width = (dh if height is None else height), (dw if width is None else width)
-        prompts, sched = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                           guidance_scale, guidance_rescale, scheduler, num_images_per_prompt,
-                                           seed, latents, output_type, callback)
+        prompts, negatives = self.check_inputs(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, output_type=output_type,
+            callback=callback)
+        sched = self.prepare_scheduler(scheduler, num_inference_steps)
+        cfg = guidance.Guidance(guidance_scale, guidance_rescale)
         batch = len(prompts) * num_images_per_prompt
-        do_cfg = guidance.do_cfg(guidance_scale)
-        shapes = self.engine_shapes(len(prompts), batch, height, width, do_cfg)
+        shapes = self.engine_shapes(len(prompts), batch, height, width, cfg.enabled)
         self.check_engine_shapes({k: v for k, v in shapes.items() if k != "vae_encoder"})
-        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        seed = _pick_seed(seed)
         rng = np.random.default_rng(seed)
         self.open_engines(("text_encoder", "unet", "vae_decoder"))  # together, on the first call
 
         # 2. encode prompt: (B*n, L, D), and the [negative; prompt] batch when guided
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, do_cfg, negative_prompt)
-        cond = guidance.cfg_embeddings(negative, embeds, guidance_scale)
+        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None)
+        cond = guidance.cfg_embeddings(negative, embeds)
 
-        # 3. timesteps (the scheduler was built and set by check_inputs)
+        # 3. timesteps (of the scheduler built in step 1)
         timesteps = sched.timesteps
 
         # 4. prepare latents
         z = self.prepare_latents(batch, height, width, rng, latents, sched.init_noise_sigma)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, guidance_scale, guidance_rescale, rng,
-                         num_inference_steps, callback)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback)
 
         # 6. decode, 7. postprocess
-        return PipelineOutput(images=postprocess(self.decode_latents(z), output_type), seed=seed)
+        return self._output(z, output_type, seed, sched, height, width)
 
 
 class Img2ImgPipeline(BasePipeline):
@@ -394,6 +408,29 @@ class Img2ImgPipeline(BasePipeline):
         if self.shift_factor:
             z = z - np.float32(self.shift_factor)
         return z * np.float32(self.scaling_factor)
+
+    def check_inputs(self, *, prompt: Any, image: Any, strength: Any, negative_prompt: Any, num_inference_steps: Any,
+                     guidance_scale: Any, guidance_rescale: Any, num_images_per_prompt: Any, seed: Any,
+                     output_type: Any, callback: Any) -> tuple[list[str], list[str], np.ndarray]:
+        """Raise ``PipelineInputError`` for any argument that cannot work; return (prompts, negative prompts,
+        the image(s) as float32 (Bi, 3, H, W) in [-1, 1])."""
+        prompts, negatives = self._check_common(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+        try:
+            pixels = preprocess(image, self.vae_scale_factor)
+        except (TypeError, ValueError) as e:
+            raise PipelineInputError(str(e)) from None
+        if pixels.shape[0] not in (1, len(prompts)):
+            raise PipelineInputError(f"got {pixels.shape[0]} images for {len(prompts)} prompts; "
+                                     "pass one image for all prompts or one per prompt")
+        if not isinstance(strength, numbers.Real) or not 0.0 < float(strength) <= 1.0:
+            raise PipelineInputError(f"strength must be in (0, 1], got {strength!r}")
+        if int(num_inference_steps * strength) < 1:
+            raise PipelineInputError(f"num_inference_steps * strength = {num_inference_steps} * {strength} < 1: "
+                                     "no denoising step would run; raise either")
+        return prompts, negatives, pixels
 
     def __call__(
         self,
@@ -416,37 +453,26 @@ class Img2ImgPipeline(BasePipeline):
         to the first kept timestep, and int(num_inference_steps * strength) steps denoise it, as
         in diffusers' StableDiffusionImg2ImgPipeline. The output size is the image's size.
         """
-        # 1. check inputs
-        prompts, sched = self._check_common(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                            guidance_rescale, scheduler, num_images_per_prompt, seed,
-                                            output_type, callback)
-        try:
-            pixels = preprocess(image, self.vae_scale_factor)  # (Bi, 3, H, W) in [-1, 1]
-        except (TypeError, ValueError) as e:
-            raise PipelineInputError(str(e)) from None
-        if pixels.shape[0] not in (1, len(prompts)):
-            raise PipelineInputError(f"got {pixels.shape[0]} images for {len(prompts)} prompts; "
-                                     "pass one image for all prompts or one per prompt")
-        if not isinstance(strength, numbers.Real) or not 0.0 < float(strength) <= 1.0:
-            raise PipelineInputError(f"strength must be in (0, 1], got {strength!r}")
-        if int(num_inference_steps * strength) < 1:
-            raise PipelineInputError(f"num_inference_steps * strength = {num_inference_steps} * {strength} < 1: "
-                                     "no denoising step would run; raise either")
+        # 1. check inputs, build the scheduler
+        prompts, negatives, pixels = self.check_inputs(
+            prompt=prompt, image=image, strength=strength, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+        sched = self.prepare_scheduler(scheduler, num_inference_steps)
+        cfg = guidance.Guidance(guidance_scale, guidance_rescale)
         height, width = pixels.shape[2:]
         batch = len(prompts) * num_images_per_prompt
-        do_cfg = guidance.do_cfg(guidance_scale)
-        self.check_engine_shapes(self.engine_shapes(len(prompts), batch, height, width, do_cfg, pixels.shape[0]))
-        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        self.check_engine_shapes(self.engine_shapes(len(prompts), batch, height, width, cfg.enabled, pixels.shape[0]))
+        seed = _pick_seed(seed)
         rng = np.random.default_rng(seed)
         self.open_engines()  # together, on the first call
 
         # 2. encode prompt
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, do_cfg, negative_prompt)
-        cond = guidance.cfg_embeddings(negative, embeds, guidance_scale)
+        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None)
+        cond = guidance.cfg_embeddings(negative, embeds)
 
         # 3. timesteps: the tail of the schedule that strength keeps
         timesteps = sched.img2img_timesteps(num_inference_steps, strength)
-        steps_run = min(int(num_inference_steps * strength), num_inference_steps)
 
         # 4. prepare latents: posterior draw of the image(s), repeated per image, noised to the first kept step
         z0 = self.encode_image(pixels, rng)
@@ -455,10 +481,10 @@ class Img2ImgPipeline(BasePipeline):
         z = np.asarray(sched.add_noise(z0, noise, timesteps[:1]), dtype=np.float32)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, guidance_scale, guidance_rescale, rng, steps_run, callback)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback)
 
         # 6. decode, 7. postprocess
-        return PipelineOutput(images=postprocess(self.decode_latents(z), output_type), seed=seed)
+        return self._output(z, output_type, seed, sched, height, width)
 
 
 def files_in_use(manifest: Manifest, components: tuple[str, ...], backend: str, device: str,
@@ -502,6 +528,24 @@ def verify_files(manifest: Manifest, names: list[str]) -> None:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _prompt_list(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise PipelineInputError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompt:
+        raise PipelineInputError("prompt is an empty list; pass at least one prompt")
+    if not all(isinstance(p, str) for p in prompt):
+        raise PipelineInputError(f"prompt must be a str or a list of str, got items of type "
+                                 f"{sorted({type(p).__name__ for p in prompt})}")
+    return list(prompt)
+
+
+def _pick_seed(seed: int | None) -> int:
+    """``seed``, or a random one when None (the call reports it, so the image can be made again)."""
+    return secrets.randbelow(2**32) if seed is None else int(seed)
 
 
 # diffusers' name for the text-to-image pipeline

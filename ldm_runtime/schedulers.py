@@ -1,17 +1,13 @@
-"""The seven samplers of the runtime, numpy only, step for step equal to their diffusers counterparts.
+"""The samplers of the runtime, numpy only, step for step equal to their diffusers counterparts.
 
-| name              | diffusers class (from_config of the bundle's scheduler config, plus)   |
-| ddim              | DDIMScheduler, eta = 0                                                 |
-| pndm              | PNDMScheduler, skip_prk_steps=True                                     |
-| euler             | EulerDiscreteScheduler                                                 |
-| euler_a           | EulerAncestralDiscreteScheduler                                        |
-| dpmpp_2m          | DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2 |
-| dpmpp_2m_karras   | the same with use_karras_sigmas=True                                   |
-| unipc             | UniPCMultistepScheduler (bh2, order 2, predict_x0)                     |
-
-The name picks the algorithm, the config the noise schedule. Config keys the diffusers class does
-not take are ignored (as its from_config ignores them), and so are the algorithm keys the name
-fixes (solver_order, use_karras_sigmas, ...). A value we cannot honour raises ValueError.
+A sampler is an algorithm that walks a noise schedule: it turns the U-Net's output at one
+timestep into the latents of the next. The schedule itself (betas, alphas_cumprod, sigmas, the
+timestep grids) is data and lives in ``noise_schedule.py``; this module holds one class per
+diffusers scheduler, each naming its diffusers counterpart (``diffusers_class`` plus the
+``diffusers_kwargs`` that select it there), and the lookups between our names and diffusers
+configs. The name picks the algorithm, the config the noise schedule. Config keys the diffusers
+class does not take are ignored (as its from_config ignores them), and so are the algorithm keys
+the name fixes (solver_order, use_karras_sigmas, ...). A value we cannot honour raises ValueError.
 
 Usage, as in diffusers' denoising loop (one fresh scheduler per generation; step keeps state):
     sched = make_scheduler("euler", config); sched.set_timesteps(30)
@@ -29,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .schedules import (
+from .noise_schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     alpha_sigma_from_sigma,
@@ -44,9 +40,6 @@ from .schedules import (
 )
 
 logger = logging.getLogger(__name__)
-
-SCHEDULERS: tuple[str, ...] = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -105,9 +98,36 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def denoised_and_eps(prediction_type: str, model_output: np.ndarray, sample: np.ndarray,
+                     sigma: Any, alpha: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's estimates (x_0, eps) from its output of ``prediction_type``, with v = alpha eps - sigma x_0.
+
+    VP schedulers pass alpha and sigma, x_t = alpha x_0 + sigma eps (Salimans & Ho 2022 for v).
+    VE schedulers (Euler) pass sigma only, x = x_0 + sigma eps; their v is taken on the scaled input
+    x / sqrt(sigma^2 + 1), and their eps is the ODE derivative (x - x_0) / sigma (Karras et al. 2022,
+    Table 1). Each branch keeps diffusers' order of float32 operations.
+    """
+    if alpha is None:
+        if prediction_type == "epsilon":
+            denoised = sample - sigma * model_output
+        elif prediction_type == "v_prediction":
+            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        else:
+            denoised = model_output
+        return denoised, (sample - denoised) / sigma
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha, model_output
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
+    return model_output, (sample - alpha * model_output) / sigma
+
+
 class Scheduler:
     """Shared part: config resolution, the training schedule alpha_bar_t, set_timesteps, img2img slicing."""
     name: ClassVar[str] = ""
+    # the diffusers class and the from_config keyword arguments that make it this algorithm
+    diffusers_class: ClassVar[str] = ""
+    diffusers_kwargs: ClassVar[dict[str, Any]] = {}
     order: ClassVar[int] = 1
     # the diffusers class's defaults for the keys it reads; keys not listed here are not read
     defaults: ClassVar[dict[str, Any]] = {}
@@ -176,6 +196,19 @@ class Scheduler:
     def _set_timesteps(self, n: int) -> None:
         raise NotImplementedError
 
+    @property
+    def user_steps(self) -> np.ndarray:
+        """One bool per step() call of the run (the timesteps from the begin index on): True where
+        the call completes one of the num_inference_steps the user asked for, as diffusers' progress
+        bar counts them. The calls beyond num_inference_steps * order come first and are warm-up:
+        PNDM's repeated timestep (its first call is a predictor that the second call replaces)."""
+        self._require_timesteps()
+        warmup = len(self.timesteps) - self.num_inference_steps * self.order
+        calls = np.arange(1, len(self.timesteps) - (self._begin_index or 0) + 1)
+        visible = (calls > warmup) & (calls % self.order == 0)
+        visible[-1:] = True
+        return visible
+
     def _require_timesteps(self) -> None:
         if self.num_inference_steps is None:
             raise RuntimeError(f"{self.name}: call set_timesteps(num_inference_steps) before step()")
@@ -227,6 +260,7 @@ class _AlphaIndexed(Scheduler):
 class DDIM(_AlphaIndexed):
     """Deterministic DDIM, eta = 0 (Song et al. 2020, eq. 12)."""
     name = "ddim"
+    diffusers_class = "DDIMScheduler"  # eta = 0 is its step()'s default
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
                     prediction_type="epsilon", clip_sample_range=1.0, timestep_spacing="leading",
@@ -250,15 +284,8 @@ class DDIM(_AlphaIndexed):
         t = int(t)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps  # diffusers' step back, whatever the spacing
         alpha_bar, alpha_bar_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
-        beta_bar = 1 - alpha_bar
-        if c.prediction_type == "epsilon":
-            denoised, eps = (sample - beta_bar**0.5 * model_output) / alpha_bar**0.5, model_output
-        elif c.prediction_type == "sample":
-            denoised = model_output
-            eps = (sample - alpha_bar**0.5 * denoised) / beta_bar**0.5
-        else:  # v_prediction
-            denoised = alpha_bar**0.5 * sample - beta_bar**0.5 * model_output
-            eps = alpha_bar**0.5 * model_output + beta_bar**0.5 * sample
+        denoised, eps = denoised_and_eps(c.prediction_type, model_output, sample, (1 - alpha_bar) ** 0.5,
+                                         alpha_bar**0.5)
         if c.clip_sample:
             denoised = np.clip(denoised, -c.clip_sample_range, c.clip_sample_range)
         return alpha_bar_prev**0.5 * denoised + (1 - alpha_bar_prev) ** 0.5 * eps
@@ -267,6 +294,8 @@ class DDIM(_AlphaIndexed):
 class PNDM(_AlphaIndexed):
     """PLMS: linear multistep on eps with a Heun warm-up step (Liu et al. 2022, eqs. 12-13); no Runge-Kutta."""
     name = "pndm"
+    diffusers_class = "PNDMScheduler"
+    diffusers_kwargs = {"skip_prk_steps": True}
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, set_alpha_to_one=False, prediction_type="epsilon",
                     timestep_spacing="leading", steps_offset=0)
@@ -298,26 +327,25 @@ class PNDM(_AlphaIndexed):
             prev_t, t = t, t + skip
         e = self.ets
         if len(e) == 1 and self.counter == 0:
-            eps = model_output
+            combined = model_output
             self.cur_sample = sample
         elif len(e) == 1 and self.counter == 1:
-            eps = (model_output + e[-1]) / 2
+            combined = (model_output + e[-1]) / 2
             sample, self.cur_sample = self.cur_sample, None
         elif len(e) == 2:
-            eps = (3 * e[-1] - e[-2]) / 2
+            combined = (3 * e[-1] - e[-2]) / 2
         elif len(e) == 3:
-            eps = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+            combined = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
         else:
-            eps = (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
+            combined = (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
         self.counter += 1
-        return self._prev_sample(sample, t, prev_t, eps)
+        return self._prev_sample(sample, t, prev_t, combined)
 
-    def _prev_sample(self, sample: np.ndarray, t: int, prev_t: int, eps: np.ndarray) -> np.ndarray:
-        """x_{t-delta} from x_t and eps (Liu et al. 2022, eq. 11)."""
+    def _prev_sample(self, sample: np.ndarray, t: int, prev_t: int, model_output: np.ndarray) -> np.ndarray:
+        """x_{t-delta} from x_t and the combined model output (Liu et al. 2022, eq. 11)."""
         alpha_bar, alpha_bar_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
         beta_bar, beta_bar_prev = 1 - alpha_bar, 1 - alpha_bar_prev
-        if self.config.prediction_type == "v_prediction":
-            eps = alpha_bar**0.5 * eps + beta_bar**0.5 * sample
+        _, eps = denoised_and_eps(self.config.prediction_type, model_output, sample, beta_bar**0.5, alpha_bar**0.5)
         sample_coeff = (alpha_bar_prev / alpha_bar) ** 0.5
         eps_denom = alpha_bar * beta_bar_prev**0.5 + (alpha_bar * beta_bar * alpha_bar_prev) ** 0.5
         return sample_coeff * sample - (alpha_bar_prev - alpha_bar) * eps / eps_denom
@@ -372,19 +400,12 @@ class _SigmaIndexed(Scheduler):
             idx = [self._step_index if self._step_index is not None else self._begin_index] * len(ts)
         return self.sigmas[idx].reshape((-1,) + (1,) * (ndim - 1))  # (B, 1, 1, 1)
 
-    def _denoised(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
-        """x_0 prediction in the VE parameterization x = x_0 + sigma * eps (Karras et al. 2022, Table 1)."""
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return sample - sigma * model_output
-        if p == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output
 
 
 class Euler(_SigmaIndexed):
     """Euler method on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 2 without churn)."""
     name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, prediction_type="epsilon", interpolation_type="linear",
                     timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
@@ -421,7 +442,7 @@ class Euler(_SigmaIndexed):
         model_output, sample = _f32(model_output), _f32(sample)
         i = self._index(t)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        d = (sample - self._denoised(model_output, sample, sigma)) / sigma
+        _, d = denoised_and_eps(self.config.prediction_type, model_output, sample, sigma)
         self._step_index += 1
         return sample + d * (sigma_next - sigma)
 
@@ -433,6 +454,7 @@ class Euler(_SigmaIndexed):
 class EulerAncestral(Euler):
     """Euler ancestral: Euler to sigma_down, then new noise of std sigma_up (k-diffusion; Karras et al. 2022)."""
     name = "euler_a"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, prediction_type="epsilon", timestep_spacing="linspace",
                     steps_offset=0, rescale_betas_zero_snr=False)
@@ -445,10 +467,9 @@ class EulerAncestral(Euler):
         model_output, sample = _f32(model_output), _f32(sample)
         i = self._index(t)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        denoised = self._denoised(model_output, sample, sigma)
+        _, d = denoised_and_eps(self.config.prediction_type, model_output, sample, sigma)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        d = (sample - denoised) / sigma
         x = sample + d * (sigma_down - sigma)
         rng = generator if generator is not None else np.random.default_rng()
         noise = rng.standard_normal(model_output.shape, dtype=np.float32)  # drawn on every step, as diffusers
@@ -477,19 +498,13 @@ class _Multistep(_SigmaIndexed):
         sigma_last = train[0] if c.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
         self.timesteps = ts.astype(np.int64).astype(np.float32)  # diffusers truncates to int64
-        self.num_inference_steps = len(ts)
         self.model_outputs: list[np.ndarray | None] = [None, None]
         self.lower_order_nums = 0
 
     def _denoised(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
         """x_0 prediction in the VP parameterization x = alpha_t x_0 + sigma_t eps."""
         alpha_t, sigma_t = alpha_sigma_from_sigma(sigma)
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if p == "v_prediction":
-            return alpha_t * sample - sigma_t * model_output
-        return model_output
+        return denoised_and_eps(self.config.prediction_type, model_output, sample, sigma_t, alpha_t)[0]
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, t: Any) -> np.ndarray:
         """q(x_t | x_0) = alpha_t x_0 + sigma_t noise."""
@@ -500,6 +515,8 @@ class _Multistep(_SigmaIndexed):
 class DPMSolverPP2M(_Multistep):
     """DPM-Solver++(2M): second-order multistep in log-SNR on the x_0 prediction (Lu et al. 2022, Alg. 2)."""
     name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    diffusers_kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, prediction_type="epsilon", lower_order_final=True,
                     euler_at_final=False, final_sigmas_type="zero", timestep_spacing="linspace",
@@ -541,12 +558,14 @@ class DPMSolverPP2M(_Multistep):
 class DPMSolverPP2MKarras(DPMSolverPP2M):
     """DPM-Solver++(2M) on Karras et al. 2022's rho = 7 noise levels."""
     name = "dpmpp_2m_karras"
+    diffusers_kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
     use_karras_sigmas = True
 
 
 class UniPC(_Multistep):
     """UniPC-2 on the x_0 prediction, B(h) = expm1(h): UniP predictor, UniC corrector (Zhao et al. 2023, Alg. 1-2)."""
     name = "unipc"
+    diffusers_class = "UniPCMultistepScheduler"  # its defaults: bh2, order 2, predict_x0
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     trained_betas=None, prediction_type="epsilon", lower_order_final=True,
                     timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
@@ -618,9 +637,44 @@ class UniPC(_Multistep):
         return x
 
 
+# the one table of our names and their diffusers classes: each class carries its row
 _CLASSES: dict[str, type[Scheduler]] = {cls.name: cls for cls in (
     DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, UniPC)}
-assert tuple(_CLASSES) == SCHEDULERS
+SCHEDULERS: tuple[str, ...] = tuple(_CLASSES)
+
+
+def scheduler_class(name: str) -> type[Scheduler]:
+    """The class of scheduler ``name``; ValueError listing the valid names for an unknown one."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    return _CLASSES[name]
+
+
+def scheduler_name_for(config: Mapping[str, Any]) -> str:
+    """Our scheduler name for a diffusers scheduler config.
+
+    Its ``_class_name`` (DDIMScheduler when absent) picks the candidates; among those, the one whose
+    diffusers_kwargs the config agrees with most wins (use_karras_sigmas=True: dpmpp_2m_karras),
+    the first listed on a tie. A class we have no port of falls back to 'ddim' with a warning: its
+    schedule keys still apply.
+    """
+    class_name = config.get("_class_name", "DDIMScheduler")
+    candidates = [cls for cls in _CLASSES.values() if cls.diffusers_class == class_name]
+    if not candidates:
+        logger.warning("scheduler class %s has no ldm_runtime equivalent; using 'ddim' with its config keys "
+                       "(choose another with --scheduler at generation time)", class_name)
+        return "ddim"
+
+    def agreement(cls: type[Scheduler]) -> int:
+        return sum(config.get(key) == value for key, value in cls.diffusers_kwargs.items())
+
+    return max(candidates, key=agreement).name
+
+
+def diffusers_config_for(name: str, base: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (a diffusers scheduler config) turned into one that selects scheduler ``name`` in diffusers."""
+    cls = scheduler_class(name)
+    return {**base, "_class_name": cls.diffusers_class, **cls.diffusers_kwargs}
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
@@ -629,8 +683,7 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     Raises ValueError for an unknown name (listing the valid ones) and for a config value that
     cannot be honoured (naming key and value).
     """
-    if name not in _CLASSES:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    cls = scheduler_class(name)
     if not isinstance(config, Mapping):
         raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
-    return _CLASSES[name].from_config(config)
+    return cls.from_config(config)

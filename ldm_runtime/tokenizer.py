@@ -33,7 +33,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data" / "clip-bpe"
 EOW = "</w>"  # end-of-word suffix carried by the last symbol of every word
 CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, CLIP's regex order
 SOT_LITERAL, EOT_LITERAL = "<|startoftext|>", "<|endoftext|>"
@@ -42,6 +41,10 @@ SOT_LITERAL, EOT_LITERAL = "<|startoftext|>", "<|endoftext|>"
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
                        + "\u2028\u2029\u202f\u205f\u3000")
 CACHE_LIMIT = 100_000  # words in the BPE cache before it is cleared
+# the tokenizer options a bundle's manifest (and a checkpoint's tokenizer config) carries, as
+# ``CLIPTokenizer``'s keyword arguments; the special tokens as transformers' config files name them
+SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
+TOKENIZER_OPTIONS = ("model_max_length", *SPECIAL_TOKENS)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -195,14 +198,8 @@ class CLIPTokenizer:
         if missing:
             raise ValueError(f"tokenizer manifest entry is missing {missing}; got keys {sorted(entry)}")
         root = Path(root)
-        optional = ("model_max_length", "pad_token", "bos_token", "eos_token", "unk_token")
-        kw = {k: entry[k] for k in optional if k in entry}
+        kw = {k: entry[k] for k in TOKENIZER_OPTIONS if k in entry}
         return cls(root / entry["vocab"], root / entry["merges"], **kw)
-
-    @classmethod
-    def default(cls, **kw) -> "CLIPTokenizer":
-        """The bundled OpenAI CLIP vocabulary (49408 tokens)."""
-        return cls(DATA_DIR / "vocab.json", DATA_DIR / "merges.txt", **kw)
 
     @functools.cached_property
     def decoder(self) -> dict[int, str]:

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_BPE = Path("/work/shared/data/clip-bpe")
-if not CLIP_BPE.is_dir():  # the repo carries its own copy for the runtime
-    CLIP_BPE = REPO / "ldm_runtime" / "data" / "clip-bpe"
+CLIP_BPE = REPO / "tests" / "data" / "clip-bpe"  # OpenAI CLIP's BPE files, kept for the tests
 
 TINY_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "skip_prk_steps": True, "set_alpha_to_one": False,
@@ -61,6 +59,15 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
     from training.checkpoint import save_checkpoint
 
     return save_checkpoint(tiny_latent_diffusion(), tmp_path_factory.mktemp("ckpt") / "tiny-ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_bundle(tiny_checkpoint_dir, tmp_path_factory) -> Path:
+    """``tiny_checkpoint_dir`` exported once (fp32, every component, CPU variants); read-only for
+    tests: copy it before changing anything in it."""
+    from export.bundle import export_bundle
+
+    return export_bundle(tiny_checkpoint_dir, tmp_path_factory.mktemp("tiny-fp32") / "bundle", precision="fp32")
 
 
 def build_tiny_diffusers(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

@@ -14,9 +14,7 @@ from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from training.models.unet import UNet, UNetConfig
 from training.models.vae import AutoencoderKL, VAEConfig
 
-BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-bpe"
-if not BPE.is_dir():  # the repo carries its own copy for the runtime
-    BPE = Path(__file__).resolve().parents[1] / "ldm_runtime" / "data" / "clip-bpe"
+BPE = Path(__file__).resolve().parent / "data" / "clip-bpe"  # OpenAI CLIP's BPE files, kept for the tests
 
 SCHED = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
          "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "set_alpha_to_one": False,

@@ -1,4 +1,4 @@
-"""The prompt-adherence evaluator, checked on ground-truth renders of the shapes data."""
+"""The prompt-adherence scorer, checked on ground-truth renders of the shapes data, and the model evaluation over it."""
 import dataclasses
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 
 from training.data import PALETTE, Attrs, ShapesDataset, render
 from training.data.shapes import make_object
-from training.evaluate import (corrupt, detect_objects, evaluate_dataset_self, evaluate_images,
-                               label_components)
+from training.scorer import (corrupt, detect_objects, evaluate_dataset_self, evaluate_images,
+                             label_components)
 
 SUMMARY = ("colour", "shape", "position", "size", "count", "background", "all")
 
@@ -153,7 +153,7 @@ def test_vae_reconstruction_ceiling():
     """`vae_reconstruction_scores` scores what a VAE gives back: an exact autoencoder scores 1.0 everywhere,
     one that blurs away the shapes loses shape (and only shape) accuracy."""
     torch = pytest.importorskip("torch")
-    from training.train_unet import vae_reconstruction_scores
+    from training.evaluate import vae_reconstruction_scores
 
     class Exact(torch.nn.Module):
         def encode(self, x):
@@ -182,7 +182,7 @@ def test_denoise_scores_with_an_oracle_unet():
     torch = pytest.importorskip("torch")
     from conftest import tiny_latent_diffusion
     from training.data.shapes import ShapesDataset
-    from training.train_unet import denoise_scores
+    from training.evaluate import denoise_scores
     from training.models.vae import VAEConfig
 
     n, size = 16, 64
@@ -209,7 +209,7 @@ def test_denoise_scores_with_an_oracle_unet():
             self.calls += 1
             return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    from ldm_runtime.schedules import alphas_cumprod_from_betas, make_betas
+    from ldm_runtime.noise_schedule import alphas_cumprod_from_betas, make_betas
     ld = tiny_latent_diffusion()
     ld.scheduler_config = {**ld.scheduler_config, "_class_name": "DDIMScheduler"}
     ac = torch.from_numpy(alphas_cumprod_from_betas(make_betas(1000, 0.00085, 0.012, "scaled_linear"))).float()
@@ -225,3 +225,27 @@ def test_denoise_scores_with_an_oracle_unet():
     assert all(v == 1.0 for v in results["exact"].values())
     assert results["blurred"]["shape"] < 0.8 and results["blurred"]["colour"] >= 0.9
     assert results["blurred"]["position"] == 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_main_writes_what_evaluate_checkpoint_returns(tiny_checkpoint_dir, tmp_path, capsys):
+    """`python -m training.evaluate`: eval.json and stdout hold exactly `evaluate_checkpoint`'s results for the
+    same arguments (sampling is seeded), every score is a fraction; a folder that is no checkpoint exits 2."""
+    pytest.importorskip("torch")
+    import json
+
+    from training.evaluate import SCORE_KEYS, evaluate_checkpoint, main
+
+    assert main([str(tiny_checkpoint_dir), "--n", "4", "--steps", "2", "--guidance", "1,3", "--strengths", "0.5",
+                 "--batch", "2", "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "eval.json").read_text())
+    direct = evaluate_checkpoint(tiny_checkpoint_dir, n=4, guidance_scales=(1.0, 3.0), steps=2, batch=2,
+                                 denoise_strengths=(0.5,))
+    assert printed == written == json.loads(json.dumps(direct))
+    assert set(written) == {"vae_reconstruction", "val", "heldout", "denoise"}
+    assert set(written["val"]) == set(written["denoise"]["0.5"]) == {"1.0", "3.0"}
+    assert all(0.0 <= written[s]["3.0"][k] <= 1.0 for s in ("val", "heldout") for k in SCORE_KEYS)
+    assert (tmp_path / "eval_heldout_g3.png").is_file()
+    assert main([str(tmp_path)]) == 2
+    assert "neither an ldm checkpoint folder" in capsys.readouterr().err

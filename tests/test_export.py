@@ -6,9 +6,12 @@ Tiny random models (tests/conftest.py): VAE factor 8, default image 64x64 (8x8 l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from export.bundle import export_bundle, sweep_stale
 from export.cli import export_main
 from export.onnx_export import FP16_GATES, ParityError, parity_metrics, wrap
 from export.specs import ModelDims, ProfileError, component_spec, profile, sample_inputs
+from export.tensorrt import profile_shapes
 from ldm_runtime.backends import load_engine
 from ldm_runtime.manifest import COMPONENTS, SCHEMA, Manifest
 from training.checkpoint import load_models
@@ -92,7 +96,8 @@ def test_specs_profiles_and_axes():
     assert dec["latent"] == {"min": [1, 4, 32, 32], "opt": [1, 4, 64, 64], "max": [4, 4, 128, 128]}
     enc = profile(component_spec("vae_encoder", dims), 8, max_batch=2)
     assert enc["image"]["max"] == [2, 3, 1024, 1024]
-    assert profile(component_spec("text_encoder", dims), 8, max_batch=3)["input_ids"]["max"] == [6, 77]
+    # the text encoder runs once per prompt batch (negatives in a call of their own): B is not doubled
+    assert profile(component_spec("text_encoder", dims), 8, max_batch=3)["input_ids"]["max"] == [3, 77]
     for bad in (dict(min_size=260), dict(min_size=512, max_size=256), dict(max_batch=0), dict(opt_size=(2048, 512))):
         with pytest.raises(ProfileError):
             profile(unet, 8, **bad)
@@ -225,7 +230,49 @@ def test_manifest(bundles, precision, tmp_path):
     assert unet["inputs"][1]["shape"] == ["B"] and unet["inputs"][1]["dtype"] == "float32"
     assert d["components"]["vae_decoder"]["outputs"][0]["shape"] == ["B", 3, "H", "W"]
     assert d["components"]["text_encoder"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["B", 77]}
-    assert unet["profile"]["sample"]["max"][0] == 2 * d["components"]["vae_decoder"]["profile"]["latent"]["max"][0]
+    # engine builds take their shape ranges from the IO specs (the manifest records none): CFG doubles the U-Net's batch
+    assert not any("profile" in comp for comp in d["components"].values())
+    unet_p, dec_p = (profile_shapes(man.component(c), 256, 1024, 4, 8) for c in ("unet", "vae_decoder"))
+    assert unet_p["sample"]["max"][0] == 2 * dec_p["latent"]["max"][0] == 8
+
+
+def test_old_manifest_with_profile_loads(bundles, tmp_path):
+    """Bundles written before the per-component ``profile`` was dropped still load; the entry is ignored."""
+    old = tmp_path / "old"
+    shutil.copytree(bundles["fp16"], old)
+    data = json.loads((old / "manifest.json").read_text())
+    for comp in data["components"].values():
+        comp["profile"] = {"latent": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [8, 4, 128, 128]}}
+    (old / "manifest.json").write_text(json.dumps(data))
+    feeds = sample_inputs(component_spec("vae_decoder", ModelDims(hidden_size=32)), ModelDims(hidden_size=32), 1, 64, 64)
+    feeds = {"latent": feeds["latent"].astype(np.float16)}
+    got = load_engine(Manifest.load(old), "vae_decoder").run(feeds)["image"]
+    want = load_engine(Manifest.load(bundles["fp16"]), "vae_decoder").run(feeds)["image"]
+    np.testing.assert_array_equal(got, want)  # the same graph: bit-identical
+
+
+def test_unk_token_survives_export(tmp_path):
+    """A checkpoint whose tokenizer config sets a non-default unk_token ("!"): the manifest carries it
+    and the runtime tokenizer cuts it out of prompts as a special token, as transformers does."""
+    from transformers import CLIPTokenizer as Reference
+
+    from ldm_runtime.tokenizer import CLIPTokenizer
+    from training.checkpoint import save_checkpoint
+
+    from conftest import tiny_latent_diffusion
+
+    ld = tiny_latent_diffusion()
+    ld = dataclasses.replace(ld, tokenizer_config={**ld.tokenizer_config, "unk_token": "!"})
+    ckpt = save_checkpoint(ld, tmp_path / "ckpt")
+    out = export_bundle(ckpt, tmp_path / "bundle", components="text_encoder", cpu_variants=False)
+    man = Manifest.load(out)
+    assert man.tokenizer["unk_token"] == "!"
+    ours = CLIPTokenizer.from_manifest_entry(out, man.tokenizer)
+    ref = Reference(str(out / man.tokenizer["vocab"]), str(out / man.tokenizer["merges"]), unk_token="!")
+    prompts = ["a cat!", "hi!!! there"]
+    want = np.asarray(ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids, np.int64)
+    np.testing.assert_array_equal(ours(prompts), want)
+    assert ours.unk_token_id == 0 and (ours(["a cat!"]) == 0).sum() == 1  # the bare "!" id, not "!</w>"
 
 
 def test_external_data_with_lowered_threshold(bundles, models):
@@ -277,6 +324,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint_dir, monkeypatch, tmp_path
     assert not out.exists() and _siblings(out) == []
 
 
+@pytest.mark.slow
 def test_parity_failure_keeps_old_bundle_then_replace(tiny_checkpoint_dir, monkeypatch, tmp_path):
     out = export_bundle(tiny_checkpoint_dir, tmp_path / "b", components="text_encoder")
     before = (out / "manifest.json").read_bytes()
@@ -306,6 +354,7 @@ export_bundle(sys.argv[1], sys.argv[2], components="vae_decoder")
 """
 
 
+@pytest.mark.slow
 def test_sigkill_midway_leaves_no_bundle(tiny_checkpoint_dir, tmp_path):
     out, flag = tmp_path / "killed", tmp_path / "flag"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tiny_checkpoint_dir), str(out), str(flag)],

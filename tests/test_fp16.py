@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from export.fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, infer_types, io_dtypes, policy_for
+from export.fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, io_dtypes, policy_for
+from export.graph_copy import infer_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -89,7 +90,7 @@ def test_mini_block_types_and_parity(mini):
     module, fp32_model, path = mini
     model, report = convert_to_fp16(onnx.load(str(path)), policy_for("unet"))
     onnx.checker.check_model(model, full_check=True)
-    infer_types(model, strict=True)
+    infer_shapes(model, strict=True)
     # IO: timestep stays fp32 (policy), the rest is fp16
     assert io_dtypes(model) == {"sample": "float16", "timestep": "float32", "out": "float16"}
     # weights of fp16 nodes are fp16; the norms, softmax and the timestep branch stay fp32
@@ -104,7 +105,7 @@ def test_mini_block_types_and_parity(mini):
     assert kept.get("Conv", 0) == 0
     # Resize's scales input must stay float32 (onnxruntime rejects anything else)
     resize = next(n for n in model.graph.node if n.op_type == "Resize")
-    inferred = {v.name: v.type.tensor_type.elem_type for v in infer_types(model).graph.value_info}
+    inferred = {v.name: v.type.tensor_type.elem_type for v in infer_shapes(model).graph.value_info}
     inferred.update(types)
     assert inferred[resize.input[2]] == TensorProto.FLOAT
 

@@ -19,7 +19,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export.bundle import export_bundle  # noqa: E402
 from ldm_runtime import guidance  # noqa: E402
 from ldm_runtime.generate import ProgressBar  # noqa: E402
 from ldm_runtime.generate import main as generate_main  # noqa: E402
@@ -30,7 +29,7 @@ from ldm_runtime.schedulers import SCHEDULERS  # noqa: E402
 from training.checkpoint import load_models  # noqa: E402
 from training.sample import sample, sample_img2img  # noqa: E402
 
-TOL = 1e-3  # max abs on the "np" output, fp32 bundle vs torch (issue 4)
+TOL = 1e-3  # max abs on the "np" output, fp32 bundle vs torch
 PROMPT = "a red circle on a blue background"
 
 
@@ -44,8 +43,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint_dir, tmp_path_factory) -> Path:
-    return export_bundle(tiny_checkpoint_dir, tmp_path_factory.mktemp("pipeline") / "bundle", precision="fp32")
+def bundle(tiny_fp32_bundle) -> Path:
+    return tiny_fp32_bundle
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def pipe(bundle) -> Pipeline:
 
 def fresh(pipe: Pipeline, cls=Pipeline) -> Pipeline:
     """A new pipeline (own cache and engine table) on the already-open engines."""
-    p = cls(pipe.manifest, engine_options={"threads": 1})
+    p = cls(pipe.manifest, options=pipe.options)
     p.engines.update(pipe.engines)
     return p
 

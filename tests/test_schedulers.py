@@ -24,17 +24,16 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DDIMScheduler  # noqa: E402
 
-from ldm_runtime.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
-from ldm_runtime.schedules import linspace_f32  # noqa: E402
+from ldm_runtime.schedulers import (  # noqa: E402
+    SCHEDULERS,
+    diffusers_config_for,
+    make_scheduler,
+    scheduler_class,
+    scheduler_name_for,
+)
+from ldm_runtime.noise_schedule import linspace_f32  # noqa: E402
 
 # diffusers converts torch tensors with np.array(..., copy=False), which numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -42,18 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 RTOL = 1e-5
 ATOL_OPERAND = 4e-7  # ~3.4 float32 eps of the largest latent so far; see assert_trajectories_match
 
-# the contract: name -> diffusers class and the keyword arguments the name fixes
-ORACLE = {
-    "ddim": (DDIMScheduler, {}),  # eta = 0 is step()'s default
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                               "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                      "use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
+# the contract, from the runtime's one table: name -> diffusers class and the keyword arguments the name fixes
+ORACLE = {name: (getattr(diffusers, scheduler_class(name).diffusers_class), scheduler_class(name).diffusers_kwargs)
+          for name in SCHEDULERS}
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {
@@ -342,7 +332,7 @@ def test_add_noise_matches_diffusers(name):
 @functools.cache
 def diffusers_get_timesteps():
     """StableDiffusionImg2ImgPipeline.get_timesteps, diffusers' own code, without importing the pipeline
-    module (it pulls in transformers, seconds of import for four lines we need)."""
+    module (it pulls in transformers, a slow import for four lines we need)."""
     path = Path(diffusers.__file__).parent / "pipelines" / "stable_diffusion" / "pipeline_stable_diffusion_img2img.py"
     tree = ast.parse(path.read_text())
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_timesteps")
@@ -369,6 +359,44 @@ def test_img2img_matches_diffusers(name, steps, strength, monkeypatch):
     assert rel_diff(x_ours, x_ref) <= 1e-6
     assert_trajectories_match(run_ours(ours, x_ours, ts, seed), run_diffusers(ref, x_ref, ref_ts), x_ref,
                               f"img2img {name} {steps} steps strength {strength}")
+
+
+# -- the name table and the steps a callback sees ----------------------------------------------
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_diffusers_config_round_trips_to_the_name(name):
+    # the diffusers class built from the config our table writes saves a config that maps back to the name
+    config = diffusers_config_for(name, SD15)
+    saved = dict(getattr(diffusers, config["_class_name"]).from_config(config).config)
+    assert scheduler_name_for(saved) == name
+
+
+def test_unknown_diffusers_class_falls_back_to_ddim(caplog):
+    assert scheduler_name_for(dict(SD15, _class_name="LMSDiscreteScheduler")) == "ddim"
+    assert "LMSDiscreteScheduler" in caplog.text
+    assert scheduler_name_for({}) == "ddim"  # no _class_name: DDIM's config
+
+
+def progress_bar_steps(num_timesteps: int, num_inference_steps: int, order: int) -> np.ndarray:
+    """Where StableDiffusionPipeline's denoising loop updates its progress bar and calls its callback."""
+    num_warmup = num_timesteps - num_inference_steps * order
+    return np.array([i == num_timesteps - 1 or (i + 1 > num_warmup and (i + 1) % order == 0)
+                     for i in range(num_timesteps)], dtype=bool)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 61])  # trailing spacing lays out 62 timesteps for 61 steps
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_user_steps_are_diffusers_progress_steps(name, spacing, steps):
+    config = dict(SD15, timestep_spacing=spacing)
+    ours, ref = make_scheduler(name, config), diffusers_scheduler(name, oracle_config(config))
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.user_steps, progress_bar_steps(len(ref.timesteps), steps, ref.order))
+    # img2img: the tail get_timesteps keeps, with the step count it returns
+    ours.img2img_timesteps(steps, 0.6)
+    ref_ts, ref_steps = diffusers_get_timesteps()(types.SimpleNamespace(scheduler=ref), steps, 0.6, "cpu")
+    np.testing.assert_array_equal(ours.user_steps, progress_bar_steps(len(ref_ts), ref_steps, ref.order))
 
 
 # -- the API's edges and errors ------------------------------------------------------------------

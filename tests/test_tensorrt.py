@@ -5,17 +5,18 @@ tensorrt-stubs (TensorRT 10.13's API), and unit tests of everything that does no
 (plan keys, profiles, manifest records, plan selection and refusal, parity arithmetic, the CLI's
 exit code 3). The ``gpu`` tests build and run a tiny bundle where TensorRT and a CUDA GPU exist.
 
-``python tests/test_tensorrt.py`` runs the same mypy check from the command line.
+``make typecheck`` runs the same mypy check (tools/tensorrt_stubs.py repairs the stubs first).
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
+import enum
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,15 @@ from export.tensorrt import (
     EXIT_BAD_INPUT,
     EXIT_NO_TENSORRT,
     BuildOptions,
+    EngineBuildError,
+    PlanBuilder,
     add_engine_record,
     build_engines,
     build_engines_main,
     engine_record,
     opt_size_for,
     parity_check,
+    parity_shape_sets,
     profile_shapes,
     random_feeds,
     rel_l2,
@@ -46,10 +50,13 @@ from ldm_runtime.backends.tensorrt import (
     plan_key,
     require_tensorrt,
     select_plan,
+    set_device_memory,
 )
 from ldm_runtime.manifest import MANIFEST_NAME, BundleError, Manifest, atomic_write_json, new_manifest, record_file
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tools/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
@@ -210,7 +217,7 @@ def test_profile_vae_not_doubled_pixels_and_latents():
     e = profile_shapes(sd_component("vae_encoder"), 256, 1024, 4, 8, opt_size=(512, 768))
     assert e["image"] == {"min": [1, 3, 256, 256], "opt": [1, 3, 512, 768], "max": [4, 3, 1024, 1024]}
     t = profile_shapes(sd_component("text_encoder"), 256, 1024, 4, 8)
-    assert t["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [8, 77]}  # [uncond, cond] batches too
+    assert t["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [4, 77]}  # one call per prompt batch
 
 
 @pytest.mark.parametrize("name", ["unet", "text_encoder", "vae_decoder", "vae_encoder"])
@@ -430,98 +437,249 @@ def test_modules_import_tensorrt_lazily_and_backend_never_torch():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_network_is_strongly_typed_and_never_sets_precision_flags():
-    """TensorRT 11 removed BuilderFlag.FP16 and weak typing: the build must not depend on them."""
-    src = (ROOT / "export" / "tensorrt.py").read_text()
-    code = "\n".join(ln.split("#")[0] for ln in src.splitlines())
-    assert "1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)" in code
-    assert not re.search(r"BuilderFlag\.(FP16|BF16|INT8|FP8)|set_flag|precision\s*=|set_output_type", code)
-
-
 # -- mypy against tensorrt-stubs --------------------------------------------------------------------------------------
-STUB_FILES = ("tensorrt/__init__.pyi", "tensorrt_bindings/__init__.pyi", "tensorrt_bindings/tensorrt.pyi")
-
-
-def _split_params(s: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [*parts, cur]
-
-
-def _fix_stub_line(line: str) -> str:
-    """Repair the two kinds of syntax error in the generated stubs: a parameter named ``in``,
-    and parameters without a default after ones with a default."""
-    line = re.sub(r"([(,]\s*)in(\s*:)", r"\1in_\2", line)
-    m = re.match(r"^(\s*def \w+\()(.*)(\)\s*->.*)$", line)
-    if m:
-        seen_default, params = False, []
-        for p in _split_params(m.group(2)):
-            if "=" in p:
-                seen_default = True
-            elif seen_default and p.strip() and not p.strip().startswith("*"):
-                p += " = ..."
-            params.append(p)
-        line = m.group(1) + ",".join(params) + m.group(3)
-    return line
-
-
-def prepare_trt_stubs(dest: Path) -> Path:
-    """A copy of the installed tensorrt-stubs that mypy can read, under ``dest``; returns ``dest``.
-
-    As published (10.13.0.35.1) the stubs lack a py.typed marker (so mypy skips them), do not
-    parse (see ``_fix_stub_line``) and declare a module variable ``bool`` (``trt.bool``, a
-    DataType) that shadows the builtin in every ``-> bool`` annotation; the copy fixes the three.
-    """
-    found = {}
-    for pkg in ("tensorrt", "tensorrt_bindings"):
-        spec = importlib.util.find_spec(pkg)
-        for loc in (spec.submodule_search_locations or []) if spec else []:
-            for rel in STUB_FILES:
-                if rel.startswith(pkg + "/") and (Path(loc) / Path(rel).name).is_file():
-                    found.setdefault(rel, Path(loc) / Path(rel).name)
-    missing = [rel for rel in STUB_FILES if rel not in found]
-    if missing:
-        raise FileNotFoundError(f"tensorrt-stubs are not installed (missing {missing}); "
-                                "make install installs tensorrt-stubs==10.13.0.35.1")
-    for rel, src in found.items():
-        lines = [ln for ln in src.read_text().splitlines() if not ln.startswith("bool: ")]
-        for _ in range(200):
-            try:
-                ast.parse("\n".join(lines))
-                break
-            except SyntaxError as e:
-                i = (e.lineno or 1) - 1
-                fixed = _fix_stub_line(lines[i])
-                if fixed == lines[i]:
-                    raise
-                lines[i] = fixed
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        text = "\n".join(lines) + "\n"
-        if not out.is_file() or out.read_text() != text:  # keep mtimes stable for mypy's cache
-            out.write_text(text)
-    return dest
-
-
 def run_mypy() -> subprocess.CompletedProcess:
-    stubs = prepare_trt_stubs(ROOT / ".mypy_cache" / "tensorrt-stubs-fixed")
-    env = {**os.environ, "MYPYPATH": str(stubs)}
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "mypy.ini"),
-           "export/tensorrt.py", "ldm_runtime/backends/tensorrt.py"]
+    """What ``make typecheck`` runs: the stub repair, then mypy on the files mypy.ini names."""
+    from tools.tensorrt_stubs import DEFAULT_DEST, prepare_trt_stubs
+
+    env = {**os.environ, "MYPYPATH": str(prepare_trt_stubs(DEFAULT_DEST))}
+    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "mypy.ini")]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_mypy_against_tensorrt_stubs():
     r = run_mypy()
     print(r.stdout + r.stderr)
     assert r.returncode == 0, f"mypy failed (exit {r.returncode}):\n{r.stdout}{r.stderr}"
+
+
+# -- the GPU path's first run, with faked TensorRT and cuda-bindings (issue 19) ---------------------------------------
+class FakeCudart(types.ModuleType):
+    """The cuda.bindings.runtime calls the backend makes: results as tuples, calls recorded."""
+
+    cudaStreamCaptureMode = enum.IntEnum("cudaStreamCaptureMode", ["cudaStreamCaptureModeGlobal",
+                                                                   "cudaStreamCaptureModeThreadLocal",
+                                                                   "cudaStreamCaptureModeRelaxed"], start=0)
+
+    def __init__(self, device_count: tuple = (0, 1), driver_version: int = 12040) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.device_count, self.driver_version, self.calls = device_count, driver_version, []
+
+    def cudaGetDeviceCount(self):
+        return self.device_count
+
+    def cudaDriverGetVersion(self):
+        return (0, self.driver_version)
+
+    def cudaGetErrorName(self, err):
+        return (0, b"cudaErrorInsufficientDriver" if int(err) == 35 else b"cudaErrorUnknown")
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.calls.append(("capture", mode))
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        return (0, "graph")
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return (0, "graph_exec")
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        self.calls.append(("launch", graph_exec))
+        return (0,)
+
+    def cudaGraphDestroy(self, graph):
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        return (0,)
+
+    def cudaGetLastError(self):
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+def install_fake_cuda(monkeypatch, cudart: FakeCudart, bindings_version: str = "13.0.2") -> None:
+    """Make ``from cuda.bindings import runtime`` and ``import tensorrt`` find fakes."""
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime, bindings.__version__ = cudart, bindings_version
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart),
+                      ("tensorrt", types.SimpleNamespace(Builder=object, __version__="10.13.0.35"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_error_35_with_a_driver_says_the_driver_is_too_old(monkeypatch):
+    install_fake_cuda(monkeypatch, FakeCudart(device_count=(35, 0), driver_version=12040), "13.0.2")
+    with pytest.raises(TensorRTUnavailable) as e:
+        require_tensorrt()
+    print(e.value)
+    assert str(e.value).startswith("the NVIDIA driver (CUDA 12.4) is too old for cuda-bindings 13.0.2")
+    assert "ldm-runtime[trt]" in str(e.value)
+    # no driver at all also gives 35: then there is no GPU to speak of
+    install_fake_cuda(monkeypatch, FakeCudart(device_count=(35, 0), driver_version=0))
+    with pytest.raises(TensorRTUnavailable, match=r"^no CUDA GPU is available \(cudaErrorInsufficientDriver\)$"):
+        require_tensorrt()
+    install_fake_cuda(monkeypatch, FakeCudart(device_count=(0, 1)))
+    require_tensorrt()  # a GPU and a driver that fits
+
+
+def test_cuda_python_without_cuda_bindings_names_the_floor(monkeypatch):
+    install_fake_cuda(monkeypatch, FakeCudart())
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # cuda-python 12.0-12.6.0: no cuda.bindings
+    with pytest.raises(TensorRTUnavailable, match=re.escape("cuda-python>=12.6.1 (cuda.bindings) is not installed")):
+        require_tensorrt()
+
+
+def test_device_memory_set_with_the_method_or_on_tensorrt_10_0_the_attribute():
+    class Context10_1:
+        def set_device_memory(self, ptr, size):
+            self.bound = (ptr, size)
+
+    class Context10_0:  # no set_device_memory: only the device_memory attribute
+        pass
+
+    new, old = Context10_1(), Context10_0()
+    set_device_memory(new, 4096, 512)
+    set_device_memory(old, 4096, 512)
+    assert new.bound == (4096, 512) and old.device_memory == 4096
+
+
+class FakeContext:
+    def __init__(self, capturable: bool = True) -> None:
+        self.capturable, self.enqueues = capturable, 0
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.enqueues += 1
+        return self.capturable or self.enqueues != 2  # call 2 is the one inside the capture
+
+
+def graph_engine(context: FakeContext) -> TensorRTEngine:
+    """A ``TensorRTEngine`` with only what ``_execute`` reads (no plan, no GPU)."""
+    eng = TensorRTEngine.__new__(TensorRTEngine)
+    eng.name, eng.use_cuda_graph, eng._context, eng._stream = "unet", True, context, 7
+    eng._graph_exec, eng._graph_key, eng._graph_failed = None, None, False
+    return eng
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_cuda_graph_captured_thread_local_and_reported_active(monkeypatch, capturable):
+    cudart = FakeCudart()
+    install_fake_cuda(monkeypatch, cudart)
+    eng = graph_engine(FakeContext(capturable))
+    key = (((1, 4, 8, 8),), (1, 2), 3)
+    assert not eng.cuda_graph_active
+    eng._execute(key)  # warm-up enqueue, then the capture
+    eng._execute(key)  # the replay (or, after a failed capture, a plain enqueue)
+    mode = FakeCudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    if capturable:
+        assert cudart.calls == [("capture", mode), ("launch", "graph_exec")] and eng.cuda_graph_active
+    else:
+        assert cudart.calls == [("capture", mode)] and not eng.cuda_graph_active and eng._context.enqueues == 3
+    eng._drop_graph()
+    eng._stream = None  # nothing for __del__ to free
+
+
+class FakeTensorRT(types.ModuleType):
+    """The TensorRT calls ``PlanBuilder`` makes; the builder config rejects a non-empty timing cache
+    (logging an error, as TensorRT does for another GPU's cache) and the build logs ``build_error``."""
+
+    class ILogger:
+        def __init__(self) -> None:
+            pass
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1  # TensorRT 10.x; 11.x has 0: the code must compute the bit
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    def __init__(self, build_error: str | None) -> None:
+        super().__init__("tensorrt")
+        self.build_error, self.network_flags, self.config_flags = build_error, [], []
+        self.Dims = list
+
+    def Builder(self, logger):
+        fake = self
+
+        class Config:
+            builder_optimization_level = 3
+
+            def create_timing_cache(self, seed):
+                return types.SimpleNamespace(seed=seed, serialize=lambda: memoryview(b"cache"))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                if cache.seed:
+                    logger.log(1, "timing cache header mismatch: built on another device")
+                return not cache.seed
+
+            def set_flag(self, flag):
+                fake.config_flags.append(flag)
+
+            def add_optimization_profile(self, profile):
+                return 0
+
+        class Builder:
+            def create_network(self, flags):
+                fake.network_flags.append(flags)
+                return types.SimpleNamespace(num_inputs=1, get_input=lambda i: types.SimpleNamespace(name="latent"))
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return types.SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                if fake.build_error:
+                    logger.log(1, fake.build_error)
+                    return None
+                return memoryview(b"plan")
+
+        return Builder()
+
+    def OnnxParser(self, network, logger):
+        return types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+
+def fake_plan_builder(monkeypatch, tmp_path, build_error: str | None) -> tuple[FakeTensorRT, PlanBuilder]:
+    fake = FakeTensorRT(build_error)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr("ldm_runtime.backends.tensorrt._trt_logger", None)  # a logger of the fake's ILogger
+    monkeypatch.setattr("export.tensorrt.require_tensorrt", lambda: None)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"a cache from another GPU")
+    return fake, PlanBuilder(opt_level=3, timing_cache=cache)
+
+
+LATENT_PROFILE = {"latent": {"min": [1, 4, 4, 4], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 16]}}
+
+
+def test_rejected_timing_cache_errors_stay_out_of_a_later_build_error(monkeypatch, tmp_path, caplog):
+    _, builder = fake_plan_builder(monkeypatch, tmp_path, build_error="out of device memory for tactic 3")
+    with caplog.at_level(logging.WARNING, logger="export.tensorrt"), pytest.raises(EngineBuildError) as e:
+        builder.build(tmp_path / "vae_decoder.onnx", LATENT_PROFILE)
+    print(e.value)
+    assert str(e.value) == "vae_decoder.onnx: TensorRT could not build the engine: out of device memory for tactic 3"
+    warning = [r.getMessage() for r in caplog.records if r.name == "export.tensorrt"]
+    assert any("starting a fresh one" in w and "header mismatch" in w for w in warning), warning
+
+
+def test_network_strongly_typed_and_no_precision_flags(monkeypatch, tmp_path):
+    """TensorRT 11 removed BuilderFlag.FP16 and weak typing: the build must not depend on them."""
+    fake, builder = fake_plan_builder(monkeypatch, tmp_path, build_error=None)
+    assert builder.build(tmp_path / "unet.onnx", LATENT_PROFILE) == b"plan"
+    assert fake.network_flags == [1 << FakeTensorRT.NetworkDefinitionCreationFlag.STRONGLY_TYPED]
+    assert fake.config_flags == []
+
+
+def test_parity_checked_at_min_opt_and_max_shapes():
+    assert parity_shape_sets(LATENT_PROFILE) == [{"latent": [1, 4, 4, 4]}, {"latent": [1, 4, 8, 8]},
+                                                 {"latent": [2, 4, 16, 16]}]
 
 
 # -- on a GPU with TensorRT: build and run a tiny bundle ---------------------------------------------------------------
@@ -530,7 +688,7 @@ needs_trt = pytest.mark.skipif(trt_reason() is not None, reason=f"TensorRT backe
 
 @pytest.mark.gpu
 @needs_trt
-def test_gpu_build_run_and_refuse(tmp_path):
+def test_gpu_build_run_and_refuse(tmp_path, caplog):
     import onnxruntime as ort
 
     root = make_bundle(tmp_path / "b")
@@ -545,27 +703,30 @@ def test_gpu_build_run_and_refuse(tmp_path):
     for use_graph in (False, True):
         eng = TensorRTEngine.from_manifest(m, "vae_decoder", use_cuda_graph=use_graph)
         sess = ort.InferenceSession(str(root / "vae_decoder.onnx"), providers=["CPUExecutionProvider"])
-        for shape in ((1, 4, 5, 7), (1, 4, 5, 7), (2, 4, 16, 8), (1, 4, 5, 7)):  # repeats replay the graph
+        # repeats replay the graph; (2, 4, 16, 16) is the profile's max (the build checks min, opt and max)
+        for shape in ((1, 4, 5, 7), (1, 4, 5, 7), (2, 4, 16, 8), (2, 4, 16, 16), (1, 4, 5, 7), (1, 4, 5, 7)):
             x = rng.standard_normal(shape).astype(np.float16)
             out = eng.run({"latent": x})["image"]
             (ref,) = sess.run(["image"], {"latent": x})
             err = rel_l2(out, ref)
             print(f"graph={use_graph} {shape}: rel L2 {err:.2e}")
             assert out.shape == (shape[0], 3, shape[2] * 8, shape[3] * 8) and err <= 1e-2
+        assert eng.cuda_graph_active is use_graph  # a failed capture falls back to enqueues: caught here
         first = eng.run({"latent": x})["image"]
         eng.run({"latent": (x * 2).astype(np.float16)})
         assert np.array_equal(first, eng.run({"latent": x})["image"])  # outputs are fresh arrays the caller owns
         with pytest.raises(EngineInputError, match="outside the TensorRT profile"):
             eng.run({"latent": np.zeros((3, 4, 8, 8), np.float16)})
         eng.close()
+    # a second build on the same timing cache: the cache is accepted, not replaced by a fresh one
+    again = make_bundle(tmp_path / "b2")
+    with caplog.at_level(logging.WARNING, logger="export.tensorrt"):
+        recs2 = build_engines(again, BuildOptions(min_size=32, max_size=128, max_batch=2, opt_level=1,
+                                                  timing_cache=str(cache), components=("vae_decoder",)))
+    assert not [r for r in caplog.records if "timing cache" in r.getMessage()], caplog.text
+    assert recs2[0]["parity"]["passed"] and len(recs2[0]["parity"]["checks"]) == 3
     # the ONNX changes (re-export): the recorded plan is refused as stale
     data = json.loads((root / MANIFEST_NAME).read_text())
     data["files"]["unet.onnx"]["sha256"] = SHA_B
     with pytest.raises(BundleError, match="stale plan"):
         TensorRTEngine.from_manifest(Manifest(root=root, data=data), "unet")
-
-
-if __name__ == "__main__":  # the mypy check alone, for `make typecheck`
-    res = run_mypy()
-    print(res.stdout + res.stderr, end="")
-    sys.exit(res.returncode)

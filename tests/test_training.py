@@ -21,13 +21,14 @@ from safetensors.torch import save_file
 
 from training import common
 from training.bpe import learn_bpe, save_bpe
+from training.checkpoint import load_vae, save_vae
 from training.cli import main as cli_main
 from training.common import ConfigError, parse_config
 from training.data import caption_corpus
 from training.losses import LPIPS, PatchDiscriminator, hinge_d_loss, min_snr_weights
 from training.models.vae import AutoencoderKL, VAEConfig
 from training.train_unet import UNetTrainConfig
-from training.train_vae import ImageSource, VAETrainConfig, latent_scale_factor, psnr, save_vae, ssim
+from training.train_vae import ImageSource, VAETrainConfig, latent_scale_factor, psnr, ssim
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -191,7 +192,6 @@ def test_training_state_is_safetensors_and_restores_exactly(tmp_path):
 # the latent scale factor
 
 def test_scale_factor_gives_unit_std_latents(tiny_vae_dir):
-    from training.train_vae import load_vae
     vae = load_vae(tiny_vae_dir).eval()
     factor, std = latent_scale_factor(vae, ImageSource("shapes", 32, 1000, 0, "train"), 1000, seed=0, batch=250)
     # held-out images (the validation split), another posterior draw
@@ -207,8 +207,9 @@ def test_scale_factor_gives_unit_std_latents(tiny_vae_dir):
 # ----------------------------------------------------------------------------------------------
 # training runs
 
+@pytest.mark.slow
 def test_vae_stage_overfits_with_gan_and_writes_scale_factor(tmp_path):
-    from training.train_vae import load_vae, train
+    from training.train_vae import train
     cfg, _ = parse_config(VAETrainConfig, [
         f"--out_dir={tmp_path}", "--image_size=32", "--crop_size=0", "--train_length=4", "--batch_size=4",
         "--block_out_channels=16,16", "--norm_num_groups=8", "--max_steps=80", "--lr=3e-3", "--warmup_steps=5",
@@ -228,6 +229,7 @@ def test_vae_stage_overfits_with_gan_and_writes_scale_factor(tmp_path):
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "samples" / "recon_000080.png").is_file()
 
 
+@pytest.mark.slow
 def test_decoder_finetune_keeps_the_encoder_then_goes_into_the_checkpoint(tmp_path, tiny_checkpoint_dir):
     """--init + --train_encoder=false: the latents a U-Net was trained on stay valid (encoder bit-identical,
     scale factor kept) while the decoder alone learns (MSE down by a quarter or more on 4 images); `ldm train set-vae` then puts that decoder into the
@@ -235,7 +237,7 @@ def test_decoder_finetune_keeps_the_encoder_then_goes_into_the_checkpoint(tmp_pa
     import shutil
 
     from training.checkpoint import load_checkpoint
-    from training.train_vae import ImageSource, evaluate, load_vae, train
+    from training.train_vae import evaluate, train
 
     ckpt = Path(shutil.copytree(tiny_checkpoint_dir, tmp_path / "ckpt"))
     init = load_vae(ckpt / "vae")  # a checkpoint's vae/ folder is a valid --init
@@ -262,7 +264,6 @@ def test_decoder_finetune_keeps_the_encoder_then_goes_into_the_checkpoint(tmp_pa
     other = load_vae(tmp_path / "ft" / "vae")
     with torch.no_grad():
         other.encoder.conv_in.weight.add_(0.01)
-    from training.train_vae import save_vae
     save_vae(other, tmp_path / "other" / "vae")
     before_bytes = (ckpt / "vae" / "model.safetensors").read_bytes()
     assert cli_main(["train", "set-vae", str(ckpt), str(tmp_path / "other" / "vae")]) == 2
@@ -298,6 +299,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert d < 1e-6
 
 
+@pytest.mark.slow
 def test_unet_overfits_a_tiny_batch_and_exports(tmp_path, tiny_vae_dir):
     from training.checkpoint import load_models
     from training.train_unet import train
@@ -332,6 +334,7 @@ def test_zero_snr_scheduler_config_and_schedule():
     assert float(training_alphas_cumprod(UNetTrainConfig())[-1]) > 1e-3
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tmp_path, tiny_vae_dir):
     args = [*TINY_UNET_ARGS, f"--vae={tiny_vae_dir}", "--max_steps=24", "--ckpt_every=4", "--log_every=4",
             "--min_snr_gamma=5"]
@@ -361,6 +364,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, tiny_vae_dir):
     assert not differ, differ[:5]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_vae_dir):
     args = [*TINY_UNET_ARGS, f"--vae={tiny_vae_dir}", "--max_steps=4", "--ckpt_every=4", "--log_every=1",
             "--batch_size=4"]
@@ -410,6 +414,7 @@ def test_timestep_bias_weights_match_the_closed_form():
         parse_config(UNetTrainConfig, ["--timestep_bias=range", "--timestep_bias_begin=300", "--timestep_bias_end=1200"])
 
 
+@pytest.mark.slow
 def test_init_fine_tunes_a_checkpoint_and_refuses_a_mismatched_one(tmp_path, tiny_vae_dir):
     """--init starts from a trained checkpoint's U-Net, text encoder and tokenizer: after 2 Adam steps at
     lr 1e-3 every exported weight is within 2 lr (plus weight decay) of the checkpoint's, and the run

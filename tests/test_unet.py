@@ -251,6 +251,7 @@ def test_gradient_checkpointing_same_gradients() -> None:
     assert grads[0].norm() > 0 and d <= 1e-6
 
 
+@pytest.mark.slow
 def test_onnx_export_dynamic_shapes() -> None:
     model = _tiny(use_linear_projection=True).eval()
     f = io.BytesIO()

@@ -1,4 +1,4 @@
-"""The checkpoint folder (what training writes and export reads) and diffusers-folder import.
+"""The checkpoint folder (what training writes and export reads), the VAE folder and diffusers-folder import.
 
 Our checkpoint folder::
 
@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ldm_runtime.schedulers import scheduler_name_for
+from ldm_runtime.tokenizer import SPECIAL_TOKENS
+from training import common
+from training.common import ConfigError
 from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, state_dict_from_transformers
 from training.models.unet import UNet, UNetConfig
 from training.models.vae import AutoencoderKL, VAEConfig
@@ -41,17 +45,6 @@ FORMAT = "ldm-checkpoint"
 FORMAT_VERSION = 1
 MARKER = "ldm_checkpoint.json"
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-# diffusers scheduler class -> our scheduler name (contract table)
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "UniPCMultistepScheduler": "unipc",
-}
-_OUR_SCHEDULER_CLASS = {v: k for k, v in SCHEDULER_CLASSES.items()} | {"dpmpp_2m_karras": "DPMSolverMultistepScheduler"}
 
 
 class CheckpointError(ValueError):
@@ -87,28 +80,6 @@ class LatentDiffusion:
     @property
     def scheduler_name(self) -> str:
         return scheduler_name_for(self.scheduler_config)
-
-
-def scheduler_name_for(config: dict) -> str:
-    """Our scheduler name for a diffusers scheduler config (``_class_name``)."""
-    cls = config.get("_class_name", "DDIMScheduler")
-    name = SCHEDULER_CLASSES.get(cls)
-    if name is None:
-        log.warning("scheduler class %s has no ldm_runtime equivalent; using 'ddim' with its config keys "
-                    "(choose another with --scheduler at generation time)", cls)
-        return "ddim"
-    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
-        return "dpmpp_2m_karras"
-    return name
-
-
-def scheduler_config_for(name: str, base: dict) -> dict:
-    """A diffusers scheduler config for our scheduler ``name`` that keeps ``base``'s schedule keys."""
-    cfg = dict(base)
-    cfg["_class_name"] = _OUR_SCHEDULER_CLASS[name]
-    if name == "dpmpp_2m_karras":
-        cfg["use_karras_sigmas"] = True
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +191,7 @@ def _tokenizer_config(folder: Path) -> dict:
         p = folder / name
         if p.is_file():
             for k, v in _read_json(p).items():
-                if k in ("pad_token", "bos_token", "eos_token", "unk_token"):
+                if k in SPECIAL_TOKENS:
                     cfg[k] = v["content"] if isinstance(v, dict) else v
                 elif k == "model_max_length":
                     cfg[k] = int(v)
@@ -435,13 +406,11 @@ def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
         save_file(_state_dict(ld.text_encoder, None), str(tmp / "text_encoder" / "model.safetensors"))
         _copy_tokenizer(ld, tmp / "tokenizer")
         tc = ld.tokenizer_config
+        specials = {"unk_token": tc["eos_token"], **{k: tc[k] for k in SPECIAL_TOKENS if k in tc}}
         _write_json(tmp / "tokenizer" / "tokenizer_config.json", {
-            "tokenizer_class": "CLIPTokenizer", "model_max_length": tc["model_max_length"],
-            "bos_token": tc["bos_token"], "eos_token": tc["eos_token"], "pad_token": tc["pad_token"],
-            "unk_token": tc.get("unk_token", tc["eos_token"]), "do_lower_case": True})
-        _write_json(tmp / "tokenizer" / "special_tokens_map.json", {
-            "bos_token": tc["bos_token"], "eos_token": tc["eos_token"], "pad_token": tc["pad_token"],
-            "unk_token": tc.get("unk_token", tc["eos_token"])})
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": tc["model_max_length"], **specials,
+            "do_lower_case": True})
+        _write_json(tmp / "tokenizer" / "special_tokens_map.json", specials)
         _write_json(tmp / "scheduler" / "scheduler_config.json", dict(ld.scheduler_config))
         _write_json(tmp / "model_index.json", {
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
@@ -454,5 +423,82 @@ def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
     return _atomic_folder(Path(path), lambda p: (p / "model_index.json").is_file(), write)
 
 
+# ---------------------------------------------------------------------------------------------
+# the VAE folder that `ldm train vae` writes (and every checkpoint's vae/ is one)
+
+
+def save_vae(vae: AutoencoderKL, folder: Path, metrics: dict | None = None) -> Path:
+    """`folder/config.json` (our VAEConfig, holding scaling_factor) + `folder/model.safetensors`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(sd, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(common.config_to_dict(vae.config), indent=2) + "\n")
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return folder
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """Read what `save_vae` wrote (or the `vae/` folder of a checkpoint)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ConfigError(f"--vae: {p} is missing (expected the vae/ folder written by `ldm train vae`)")
+    cfg = common.config_from_dict(VAEConfig, json.loads(cfg_path.read_text()))
+    vae = AutoencoderKL(cfg)
+    vae.load_state_dict(load_file(str(w_path)))
+    return vae
+
+
+def set_checkpoint_vae(checkpoint: str | Path, vae_folder: str | Path) -> Path:
+    """Put a decoder fine-tune (``--init=... --train_encoder=false``) into a trained checkpoint, in place.
+
+    The U-Net of ``checkpoint`` was trained on its VAE's latents, so the new VAE must have the
+    same architecture, the same encoder weights (compared at the checkpoint's storage dtype) and
+    the same scaling factor; otherwise ``ConfigError`` and the checkpoint is left as it was. The
+    weights keep the checkpoint's dtype; the write is atomic (temporary folder, then rename).
+    """
+    checkpoint = Path(checkpoint)
+    ld = load_checkpoint(checkpoint)
+    dtype = _stored_dtype(checkpoint / "vae" / "model.safetensors")
+    new = load_vae(vae_folder)
+    _check_same_vae_config(ld.vae, new, checkpoint, vae_folder)
+    _check_same_encoder(ld.vae, new, dtype, checkpoint, vae_folder)
+    ld.vae = new.eval().requires_grad_(False)
+    metrics = Path(vae_folder) / "metrics.json"
+    note = {"decoder_finetune": str(vae_folder),
+            **({"metrics": json.loads(metrics.read_text())} if metrics.is_file() else {})}
+    return save_checkpoint(ld, checkpoint, dtype=dtype if dtype != torch.float32 else None, extra={"vae": note})
+
+
+def _stored_dtype(weights: Path) -> torch.dtype:
+    """The dtype of the first tensor of a safetensors file (checkpoints store one dtype)."""
+    with safe_open(str(weights), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+def _check_same_vae_config(old: AutoencoderKL, new: AutoencoderKL, checkpoint: Path, vae_folder) -> None:
+    old_cfg, new_cfg = common.config_to_dict(old.config), common.config_to_dict(new.config)
+    diff = sorted(k for k in old_cfg if old_cfg[k] != new_cfg.get(k))
+    if diff:
+        raise ConfigError(f"{vae_folder}: its config differs from {checkpoint}/vae in {', '.join(diff)} "
+                          f"({', '.join(f'{k}: {old_cfg[k]!r} vs {new_cfg.get(k)!r}' for k in diff)}); "
+                          "only a decoder fine-tune of the checkpoint's VAE (--train_encoder=false) fits its U-Net")
+
+
+def _check_same_encoder(old: AutoencoderKL, new: AutoencoderKL, dtype: torch.dtype, checkpoint: Path,
+                        vae_folder) -> None:
+    """The encoder tensors must be equal once rounded to the checkpoint's storage dtype."""
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    changed = [k for k in old_sd if k.startswith(("encoder.", "quant_conv."))
+               and not torch.equal(old_sd[k], new_sd[k].to(dtype).to(old_sd[k].dtype))]
+    if changed:
+        raise ConfigError(f"{vae_folder}: {len(changed)} encoder tensors differ from {checkpoint}/vae (first: {changed[0]}); "
+                          "the U-Net was trained on the old encoder's latents: fine-tune with --train_encoder=false")
+
+
 __all__ = ["CheckpointError", "LatentDiffusion", "detect_kind", "export_diffusers", "load_checkpoint",
-           "load_diffusers", "load_models", "save_checkpoint", "scheduler_config_for", "scheduler_name_for"]
+           "load_diffusers", "load_models", "load_vae", "save_checkpoint", "save_vae", "set_checkpoint_vae"]

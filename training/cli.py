@@ -18,7 +18,7 @@ USAGE = """usage: ldm train {vae,unet} [--key=value ...] [--resume]
   ldm train vae  --out_dir=runs/vae  --max_steps=3000
   ldm train unet --out_dir=runs/unet --vae=runs/vae/vae --max_steps=20000
   ldm train vae  --out_dir=runs/dec --init=runs/vae/vae --train_encoder=false   decoder fine-tune
-  ldm train set-vae engines/default runs/dec/vae   put that decoder into a trained checkpoint
+  ldm train set-vae checkpoints/default runs/dec/vae   put that decoder into a trained checkpoint
   ldm train vae|unet --help          list every option with its default
 
 Every option is a field of VAETrainConfig (training/train_vae.py) or UNetTrainConfig
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(rest) != 2:
             print(f"ldm train set-vae: expected CHECKPOINT VAE_FOLDER, got {len(rest)} arguments", file=sys.stderr)
             return 2
-        from training.checkpoint import CheckpointError
-        from training.train_vae import set_checkpoint_vae
+        from training.checkpoint import CheckpointError, set_checkpoint_vae
         try:
             print(set_checkpoint_vae(rest[0], rest[1]))
         except (ConfigError, CheckpointError) as e:

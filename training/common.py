@@ -7,6 +7,8 @@
   Nothing is pickled: optimizer state tensors are flattened to `optim/<param>/<key>` tensors.
 - `EMA`, `lr_at` (linear warm-up + cosine), `setup_distributed` (DDP under torchrun),
   `MetricsLog` (JSONL), `plot_curves` (loss-curve PNG), `progress` (a tqdm bar on stderr).
+- The steps both loops share: `start_run`, `start_or_resume`, `save_run_state`, `scheduled_lr`,
+  `LossWindow` (the logged means), `out_of_time` (--max_minutes), `end_run`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -382,6 +385,87 @@ def load_state(path: Path, *, modules: dict[str, torch.nn.Module], emas: dict[st
         o.load_state_dict(_unflatten_optimizer(index["optimizers"][name], tensors, f"optim/{name}/"))
     restore_rng(index["rng"], tensors, generators)
     return index
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps both loops share: start or resume, learning rate, state, log window, time limit, end
+
+def start_run(cfg: Any, resume: bool) -> tuple[Any, Dist]:
+    """Threads and processes, the config (on resume: the run's resolved one with this command's
+    explicit overrides on top), then the global seeds."""
+    set_threads(cfg.threads)
+    d = setup_distributed(cfg.device)
+    if resume:
+        cfg = resumed_config(read_state(Path(cfg.out_dir) / STATE_FILE)[0], cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return cfg, d
+
+
+def start_or_resume(cfg: Any, resume: bool, d: Dist, metrics: MetricsLog, state: dict) -> tuple[int, tuple[int, int]]:
+    """(step, data position). On resume the objects in `state` (the keyword arguments of `save_state`)
+    are restored from OUT_DIR's training state; a fresh run writes OUT_DIR/config.json."""
+    out = Path(cfg.out_dir)
+    if resume:
+        index = load_state(out / STATE_FILE, **state)
+        metrics.truncate_after(index["step"])
+        logger.info("resumed %s at step %d", out / STATE_FILE, index["step"])
+        return index["step"], tuple(index["data_pos"])
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    return 0, (0, 0)
+
+
+def save_run_state(cfg: Any, step: int, pos: tuple[int, int], d: Dist, state: dict) -> None:
+    """Rank 0 writes OUT_DIR's training state (see `start_or_resume` for `state`)."""
+    if d.is_main:
+        save_state(Path(cfg.out_dir) / STATE_FILE, config=cfg, step=step, data_pos=pos, **state)
+
+
+def scheduled_lr(opt: torch.optim.Optimizer, step: int, cfg: Any) -> float:
+    """Set this step's learning rate (`lr_at` with the config's lr, warmup_steps, max_steps, min_lr_ratio)."""
+    lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+class LossWindow:
+    """Loss terms summed over the steps since the last log line: each line logs their means."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums, self.n, self.since = torch.zeros(len(self.names)), 0, time.time()
+
+    def add(self, *terms: torch.Tensor) -> None:
+        self.sums += torch.stack([v.detach().float().cpu() for v in terms])
+        self.n += 1
+
+    def means(self, d: Dist) -> tuple[dict[str, float], float]:
+        """({name: mean over the window and the processes}, seconds per step); starts a new window."""
+        vals = rank_mean(self.sums / self.n, d)
+        sec_per_step = (time.time() - self.since) / self.n
+        self._reset()
+        return dict(zip(self.names, map(float, vals))), sec_per_step
+
+
+def out_of_time(cfg: Any, t0: float, step: int) -> bool:
+    """True once --max_minutes have passed since `t0` (the loop then stops; state and export are still written)."""
+    if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+        logger.warning("stopping at step %d: --max_minutes=%g reached", step, cfg.max_minutes)
+        return True
+    return False
+
+
+def end_run(d: Dist) -> None:
+    """Wait for every process, then leave the process group."""
+    if d.enabled:
+        dist.barrier()
+    cleanup_distributed()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,23 +32,22 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ldm_runtime.schedules import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
+from ldm_runtime.noise_schedule import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
 from ldm_runtime.tokenizer import EOT_LITERAL, SOT_LITERAL, CLIPTokenizer
 from training import common
 from training.bpe import train_tokenizer
-from training.checkpoint import LatentDiffusion, save_checkpoint
+from training.checkpoint import LatentDiffusion, load_vae, save_checkpoint
 from training.common import ConfigError
 from training.data import FolderDataset, ShapesDataset
+from training.evaluate import evaluate_prompts
 from training.losses import min_snr_weights
 from training.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from training.models.unet import UNet, UNetConfig
-from training.train_vae import load_vae
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_BIAS = ("none", "earlier", "later", "range")
-SCORE_KEYS = ("colour", "shape", "position", "size", "count", "background", "all")  # what the evaluations report
 
 
 @dataclass
@@ -258,6 +257,7 @@ def latent_cache(cfg: UNetTrainConfig, vae, ds, n: int, d: common.Dist) -> tuple
     mean, logvar = encode_dataset(vae, ds, n)
     logger.info("encoded %d images to latents %s in %.0f s", n, tuple(mean.shape[1:]), time.time() - t)
     if d.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".latents.tmp.safetensors")
         save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, str(tmp), metadata={"key": key})
         tmp.replace(path)
@@ -279,310 +279,305 @@ def eval_prompts(cfg: UNetTrainConfig, n: int) -> tuple[list[str], list | None]:
     return prompts, attrs
 
 
-# ----------------------------------------------------------------------------------------------
-# the loop
+@dataclass
+class TokenizerFiles:
+    """A tokenizer folder (CLIP-format vocab.json + merges.txt) and its options."""
 
-def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
-    """Train (or resume) the U-Net and text encoder; writes the checkpoint folder; returns final figures."""
-    common.set_threads(cfg.threads)
-    d = common.setup_distributed(cfg.device)
-    out = Path(cfg.out_dir)
-    state_path = out / common.STATE_FILE
-    if resume:
-        cfg = common.resumed_config(common.read_state(state_path)[0], cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "checkpoint"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out / "config.json").write_text(json.dumps(common.config_to_dict(cfg), indent=2) + "\n")
+    dir: Path
+    config: dict
 
-    # a checkpoint to fine-tune brings its models and tokenizer; the autoencoder must be the one it was trained on
-    vae = load_vae(cfg.vae).eval().requires_grad_(False)
-    vcfg = vae.config
-    init = init_models(cfg, vcfg) if cfg.init else None
+    def tokenizer(self) -> CLIPTokenizer:
+        return CLIPTokenizer(self.dir / "vocab.json", self.dir / "merges.txt", **self.config)
 
-    # data: captions and tokenizer
-    ds, captions = load_captions(cfg)
-    n = len(captions)
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init.tokenizer_dir if init else out / "tokenizer"
+    def vocab(self) -> dict[str, int]:
+        return json.loads((self.dir / "vocab.json").read_text(encoding="utf-8"))
+
+
+def tokenizer_files(cfg: UNetTrainConfig, captions: list[str], init: LatentDiffusion | None,
+                    d: common.Dist) -> TokenizerFiles:
+    """--tokenizer, else the --init checkpoint's, else a BPE learned from the captions into OUT_DIR/tokenizer
+    (by rank 0, once: a resumed run reuses it)."""
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init.tokenizer_dir if init else Path(cfg.out_dir) / "tokenizer"
     tok_config = {"model_max_length": 77, "pad_token": EOT_LITERAL, "bos_token": SOT_LITERAL, "eos_token": EOT_LITERAL}
     if init and not cfg.tokenizer:
         tok_config.update({k: v for k, v in init.tokenizer_config.items() if k in tok_config})
-    if not cfg.tokenizer and not init and not (tok_dir / "vocab.json").is_file():
-        if d.is_main:
-            train_tokenizer(captions, tok_dir, cfg.bpe_merges)
+    if not cfg.tokenizer and not init and not (tok_dir / "vocab.json").is_file() and d.is_main:
+        train_tokenizer(captions, tok_dir, cfg.bpe_merges)
     if d.enabled:
         dist.barrier()
     for name in ("vocab.json", "merges.txt"):
         if not (tok_dir / name).is_file():
             raise ConfigError(f"--tokenizer: {tok_dir / name} is missing (expected a CLIP-format vocab.json + merges.txt)")
-    tokenizer = CLIPTokenizer(tok_dir / "vocab.json", tok_dir / "merges.txt", **tok_config)
-    ids = torch.from_numpy(tokenizer(captions))  # (N, 77) int64
-    empty_ids = torch.from_numpy(tokenizer([""]))[0]  # the unconditional prompt of classifier-free guidance
+    return TokenizerFiles(tok_dir, tok_config)
 
-    # frozen autoencoder -> latents
+
+@dataclass
+class TrainingSet:
+    """What every step draws from: the posterior of every image and the token ids of every caption."""
+
+    mean: torch.Tensor  # (N, C, h, w)
+    logvar: torch.Tensor  # (N, C, h, w)
+    ids: torch.Tensor  # (N, 77) int64
+    empty_ids: torch.Tensor  # (77,): the unconditional prompt of classifier-free guidance
+    shift: float  # the VAE's latent shift and scale: z = (sample - shift) * scale
+    scale: float
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def training_set(cfg: UNetTrainConfig, vae, ds, captions: list[str], tokenizer: CLIPTokenizer,
+                 d: common.Dist) -> TrainingSet:
+    ids = torch.from_numpy(tokenizer(captions))
+    empty_ids = torch.from_numpy(tokenizer([""]))[0]
+    vcfg = vae.config
     if cfg.image_size % vcfg.spatial_factor:
         raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of the VAE's spatial factor {vcfg.spatial_factor}")
-    lat_mean, lat_logvar = latent_cache(cfg, vae, ds, n, d)
-    shift = vcfg.shift_factor or 0.0
+    mean, logvar = latent_cache(cfg, vae, ds, len(captions), d)
+    return TrainingSet(mean, logvar, ids, empty_ids, shift=vcfg.shift_factor or 0.0, scale=vcfg.scaling_factor)
 
-    # models
-    vocab = json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8"))
+
+def build_text_encoder(cfg: UNetTrainConfig, init: LatentDiffusion | None, vocab: dict[str, int]) -> CLIPTextEncoder:
+    """The --init checkpoint's text encoder, a pretrained one (--text_encoder=DIR), or a new one for the vocabulary."""
+    if init and cfg.text_encoder:
+        raise ConfigError("--init and --text_encoder both name a text encoder; give one")
     if init:
-        if cfg.text_encoder:
-            raise ConfigError("--init and --text_encoder both name a text encoder; give one")
-        text_encoder, tcfg = init.text_encoder.float(), init.text_config
+        text_encoder = init.text_encoder.float()
     elif cfg.text_encoder:
-        te_dir = Path(cfg.text_encoder)
-        tcfg = common.config_from_dict(TextEncoderConfig, json.loads((te_dir / "config.json").read_text()))
-        text_encoder = CLIPTextEncoder(tcfg)
-        text_encoder.load_state_dict(load_file(str(te_dir / "model.safetensors")))
+        text_encoder = load_text_encoder(Path(cfg.text_encoder))
     else:
-        tcfg = TextEncoderConfig(vocab_size=len(vocab), hidden_size=cfg.text_hidden_size,
-                                 intermediate_size=cfg.text_intermediate_size, num_hidden_layers=cfg.text_layers,
-                                 num_attention_heads=cfg.text_heads, max_position_embeddings=77, hidden_act="gelu",
-                                 bos_token_id=vocab[SOT_LITERAL], eos_token_id=vocab[EOT_LITERAL],
-                                 pad_token_id=vocab[EOT_LITERAL])
-        text_encoder = CLIPTextEncoder(tcfg)
-    if tcfg.vocab_size < len(vocab):  # a pretrained text encoder (--init or --text_encoder) with a larger tokenizer
+        text_encoder = CLIPTextEncoder(TextEncoderConfig(
+            vocab_size=len(vocab), hidden_size=cfg.text_hidden_size, intermediate_size=cfg.text_intermediate_size,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=77,
+            hidden_act="gelu", bos_token_id=vocab[SOT_LITERAL], eos_token_id=vocab[EOT_LITERAL],
+            pad_token_id=vocab[EOT_LITERAL]))
+    if text_encoder.config.vocab_size < len(vocab):  # a pretrained one with a larger tokenizer
         which = "--init" if init else "--text_encoder"
-        raise ConfigError(f"{which}: its text encoder's vocab_size {tcfg.vocab_size} is smaller than the tokenizer's {len(vocab)}")
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    h = cfg.image_size // vcfg.spatial_factor
+        raise ConfigError(f"{which}: its text encoder's vocab_size {text_encoder.config.vocab_size} is smaller than "
+                          f"the tokenizer's {len(vocab)}")
+    return text_encoder.requires_grad_(cfg.train_text_encoder)
+
+
+def load_text_encoder(folder: Path) -> CLIPTextEncoder:
+    """A pretrained text encoder folder: our config.json + model.safetensors."""
+    text_encoder = CLIPTextEncoder(common.config_from_dict(TextEncoderConfig, json.loads((folder / "config.json").read_text())))
+    text_encoder.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return text_encoder
+
+
+def build_unet(cfg: UNetTrainConfig, init: LatentDiffusion | None, vcfg, context_dim: int) -> UNet:
+    """The --init checkpoint's U-Net (trainable, fp32), or a new one for these latents and text embeddings."""
     if init:
         unet = init.unet.float().requires_grad_(True)
         unet.config.gradient_checkpointing = cfg.gradient_checkpointing
-        if d.is_main:
-            logger.info("fine-tuning %s: U-Net %s", cfg.init, unet.config)
-    else:
-        ucfg = UNetConfig(in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels,
-                          block_out_channels=cfg.block_out_channels, attention=cfg.attention,
-                          layers_per_block=cfg.layers_per_block, num_heads=None, head_dim=cfg.head_dim,
-                          cross_attention_dim=tcfg.hidden_size, norm_num_groups=cfg.norm_num_groups, sample_size=h,
-                          gradient_checkpointing=cfg.gradient_checkpointing)
-        unet = UNet(ucfg)
-    model = Denoiser(unet, text_encoder).to(d.device)
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-                 if d.enabled else model)
+        return unet
+    return UNet(UNetConfig(in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels,
+                           block_out_channels=cfg.block_out_channels, attention=cfg.attention,
+                           layers_per_block=cfg.layers_per_block, num_heads=None, head_dim=cfg.head_dim,
+                           cross_attention_dim=context_dim, norm_num_groups=cfg.norm_num_groups,
+                           sample_size=cfg.image_size // vcfg.spatial_factor,
+                           gradient_checkpointing=cfg.gradient_checkpointing))
+
+
+def build_model(cfg: UNetTrainConfig, init: LatentDiffusion | None, vcfg, vocab: dict[str, int],
+                d: common.Dist) -> tuple[Denoiser, torch.nn.Module]:
+    """The text encoder and the U-Net as one module on the device, and that module as the loop calls it
+    (wrapped in DDP when there are several processes)."""
+    text_encoder = build_text_encoder(cfg, init, vocab)
+    model = Denoiser(build_unet(cfg, init, vcfg, text_encoder.config.hidden_size), text_encoder).to(d.device)
+    if not d.enabled:
+        return model, model
+    device_ids = [d.local_rank] if d.device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def make_optimizer(cfg: UNetTrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
+    """AdamW over the trainable parameters, with no weight decay on norms and biases; (optimizer, parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-    ema = common.EMA(model, cfg.ema_decay)
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    gens = {"train": g}
-    alphas_cumprod = training_alphas_cumprod(cfg).to(d.device)
-    t_weights = timestep_weights(cfg)
-    step, pos = 0, (0, 0)
-    metrics = common.MetricsLog(out / "metrics.jsonl", d.is_main)
-    if resume:
-        index = common.load_state(state_path, modules={"model": model}, emas={"model": ema}, optimizers={"model": opt},
-                                  generators=gens)
-        step, pos = index["step"], tuple(index["data_pos"])
-        metrics.truncate_after(step)
-        logger.info("resumed %s at step %d", state_path, step)
-    if d.is_main:
-        logger.info("U-Net %.2fM params, text encoder %.2fM params (vocab %d), latents %dx%dx%d, %d images, %d processes",
-                    unet.num_parameters() / 1e6, text_encoder.num_parameters() / 1e6, len(vocab),
-                    vcfg.latent_channels, h, h, n, d.world_size)
+    return opt, params
 
-    if cfg.zero_snr and cfg.min_snr_gamma > 0 and d.is_main:
+
+def log_setup(cfg: UNetTrainConfig, d: common.Dist, model: Denoiser, vocab_size: int, vcfg, n: int) -> None:
+    if not d.is_main:
+        return
+    if cfg.init:
+        logger.info("fine-tuning %s: U-Net %s", cfg.init, model.unet.config)
+    h = cfg.image_size // vcfg.spatial_factor
+    logger.info("U-Net %.2fM params, text encoder %.2fM params (vocab %d), latents %dx%dx%d, %d images, %d processes",
+                model.unet.num_parameters() / 1e6, model.text_encoder.num_parameters() / 1e6, vocab_size,
+                vcfg.latent_channels, h, h, n, d.world_size)
+    if cfg.zero_snr and cfg.min_snr_gamma > 0:
         logger.warning("--min_snr_gamma=%g with --zero_snr: the v-prediction weight min(SNR, gamma) / (SNR + 1) is 0 "
                        "at t = T - 1, so the first sampling step is never trained; consider --min_snr_gamma=0",
                        cfg.min_snr_gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# one step
+
+def draw_batch(cfg: UNetTrainConfig, data: TrainingSet, idx: np.ndarray, g: torch.Generator,
+               t_weights: torch.Tensor | None, rows: slice, device: torch.device):
+    """Every draw for the global batch (posterior sample, noise, timestep, caption dropout), then this
+    rank's rows: (z0, noise, t, input_ids)."""
+    b, idx_t = cfg.batch_size, torch.from_numpy(idx)
+    post_eps = torch.randn((b, *data.mean.shape[1:]), generator=g)
+    noise = torch.randn((b, *data.mean.shape[1:]), generator=g)
+    t = (torch.randint(0, cfg.num_train_timesteps, (b,), generator=g) if t_weights is None
+         else torch.multinomial(t_weights, b, replacement=True, generator=g))
+    drop = torch.rand((b,), generator=g) < cfg.caption_dropout
+    mean, logvar = data.mean[idx_t], data.logvar[idx_t]
+    z0 = ((mean + torch.exp(0.5 * logvar) * post_eps) - data.shift) * data.scale
+    input_ids = torch.where(drop[:, None], data.empty_ids[None, :], data.ids[idx_t])
+    return tuple(v[rows].to(device) for v in (z0, noise, t, input_ids))
+
+
+def diffusion_loss(cfg: UNetTrainConfig, model: torch.nn.Module, alphas_cumprod: torch.Tensor, z0: torch.Tensor,
+                   noise: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the eps or v prediction at q(z_t | z_0), Min-SNR-gamma weighted if asked;
+    the forward pass runs under bf16 autocast on CUDA (--bf16)."""
+    ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise  # q(z_t | z_0)
+    target = noise if cfg.prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z0
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and z_t.device.type == "cuda"):
+        pred = model(z_t, t.float(), input_ids)
+    per_sample = (pred.float() - target).pow(2).mean((1, 2, 3))
+    if cfg.min_snr_gamma > 0:
+        snr = (ab / (1 - ab)).flatten()
+        per_sample = per_sample * min_snr_weights(snr, cfg.min_snr_gamma, cfg.prediction_type)
+    return per_sample.mean()
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                   grad_clip: float) -> torch.Tensor:
+    """Backward (DDP averages the gradients), clip, step; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return gnorm
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+def train(cfg: UNetTrainConfig, resume: bool = False) -> dict:
+    """Train (or resume) the U-Net and text encoder; writes the checkpoint folder; returns final figures."""
+    cfg, d = common.start_run(cfg, resume)
+
+    # a checkpoint to fine-tune brings its models and tokenizer; the autoencoder must be the one it was trained on
+    vae = load_vae(cfg.vae).eval().requires_grad_(False)
+    init = init_models(cfg, vae.config) if cfg.init else None
+
+    # data: tokenized captions and the latents of the frozen autoencoder
+    ds, captions = load_captions(cfg)
+    tok = tokenizer_files(cfg, captions, init, d)
+    data = training_set(cfg, vae, ds, captions, tok.tokenizer(), d)
+
+    # models, optimiser, EMA, and the training state that holds them
+    vocab = tok.vocab()
+    model, ddp_model = build_model(cfg, init, vae.config, vocab, d)
+    opt, params = make_optimizer(cfg, model)
+    ema = common.EMA(model, cfg.ema_decay)
+    g = torch.Generator().manual_seed(cfg.seed + 3)  # every random draw of a step
+    state = dict(modules={"model": model}, emas={"model": ema}, optimizers={"model": opt}, generators={"train": g})
+    metrics = common.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", d.is_main)
+    step, pos = common.start_or_resume(cfg, resume, d, metrics, state)
+    log_setup(cfg, d, model, len(vocab), vae.config, len(data))
+
+    alphas_cumprod, t_weights = training_alphas_cumprod(cfg).to(d.device), timestep_weights(cfg)
     rows = common.shard(cfg.batch_size, d)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and d.device.type == "cuda")
     prompts, prompt_attrs = eval_prompts(cfg, cfg.eval_prompts)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def latent_diffusion() -> LatentDiffusion:
-        ema.copy_to(ema_model)
-        return LatentDiffusion(
-            unet=ema_model.unet.cpu(), vae=vae, text_encoder=ema_model.text_encoder.cpu(), tokenizer_dir=tok_dir,
-            tokenizer_config=dict(tok_config),
-            scheduler_config=scheduler_config(cfg), default_size=(cfg.image_size, cfg.image_size),
-            extra={"training": {"step": step, "config": common.config_to_dict(cfg)}})
-
-    def checkpoint() -> None:
-        if d.is_main:
-            common.save_state(state_path, config=cfg, step=step, data_pos=pos, modules={"model": model},
-                              emas={"model": ema}, optimizers={"model": opt}, generators=gens)
-
-    def export() -> Path:
-        ld = latent_diffusion()
-        ld.unet.config.gradient_checkpointing = False  # a training option; the exported config is for inference
-        path = save_checkpoint(ld, export_dir, dtype=torch.float16 if cfg.export_dtype == "fp16" else None)
-        ld.unet.config.gradient_checkpointing = cfg.gradient_checkpointing
-        return path
-
-    t0 = t_last = time.time()
-    last_eval: dict = {}
-    loss_sum = torch.zeros(())  # summed over the steps since the last log line: the logged loss is their mean
-    n_sum = 0
+    snapshot = EMASnapshot(cfg, model, ema, vae, tok)
+    t0, last_eval, window = time.time(), {}, common.LossWindow(("loss",))
     bar = common.progress(cfg.max_steps, step, cfg.progress and d.is_main, "unet")
     model.train()
     while step < cfg.max_steps:
-        idx, pos = common.batch_indices(n, cfg.batch_size, pos, cfg.seed)
-        idx_t = torch.from_numpy(idx)
-        # every draw for the global batch, then this rank's rows
-        b = cfg.batch_size
-        post_eps = torch.randn((b, *lat_mean.shape[1:]), generator=g)
-        noise = torch.randn((b, *lat_mean.shape[1:]), generator=g)
-        t = (torch.randint(0, cfg.num_train_timesteps, (b,), generator=g) if t_weights is None
-             else torch.multinomial(t_weights, b, replacement=True, generator=g))
-        drop = torch.rand((b,), generator=g) < cfg.caption_dropout
-        mean, logvar = lat_mean[idx_t], lat_logvar[idx_t]
-        z0 = ((mean + torch.exp(0.5 * logvar) * post_eps) - shift) * vcfg.scaling_factor
-        input_ids = torch.where(drop[:, None], empty_ids[None, :], ids[idx_t])
-        z0, noise, t, input_ids = (v[rows].to(d.device) for v in (z0, noise, t, input_ids))
-
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise  # q(z_t | z_0)
-        target = noise if cfg.prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z0
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast:
-            pred = ddp_model(z_t, t.float(), input_ids)
-        per_sample = (pred.float() - target).pow(2).mean((1, 2, 3))
-        if cfg.min_snr_gamma > 0:
-            snr = (ab / (1 - ab)).flatten()
-            per_sample = per_sample * min_snr_weights(snr, cfg.min_snr_gamma, cfg.prediction_type)
-        loss = per_sample.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        idx, pos = common.batch_indices(len(data), cfg.batch_size, pos, cfg.seed)
+        z0, noise, t, input_ids = draw_batch(cfg, data, idx, g, t_weights, rows, d.device)
+        lr = common.scheduled_lr(opt, step, cfg)
+        loss = diffusion_loss(cfg, ddp_model, alphas_cumprod, z0, noise, t, input_ids)
+        gnorm = optimizer_step(opt, loss, params, cfg.grad_clip)
         ema.update(model)
         step += 1
         bar.update(1)
-        loss_sum += loss.detach().float().cpu()
-        n_sum += 1
-
+        window.add(loss)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            lval = common.rank_mean(loss_sum / n_sum, d)
-            dt = (time.time() - t_last) / n_sum
-            t_last, loss_sum, n_sum = time.time(), torch.zeros(()), 0
-            metrics.write(step=step, loss=float(lval), lr=lr, grad_norm=float(gnorm), sec_per_step=dt,
-                          elapsed_s=time.time() - t0)
-            bar.set_postfix(loss=f"{float(lval):.4f}", s_it=f"{dt:.2f}")
+            rec, dt = window.means(d)
+            metrics.write(step=step, **rec, lr=lr, grad_norm=float(gnorm), sec_per_step=dt, elapsed_s=time.time() - t0)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", s_it=f"{dt:.2f}")
         if step % cfg.ckpt_every == 0:
-            checkpoint()
+            common.save_run_state(cfg, step, pos, d, state)
         if d.is_main and step % cfg.eval_every == 0:
-            last_eval = _evaluate(latent_diffusion(), prompts, prompt_attrs, cfg, out / "samples" / f"step_{step:06d}.png")
-            metrics.write(step=step, **{f"eval_{k}": v for k, v in last_eval.items()})
-            export()
-            common.plot_curves(out / "metrics.jsonl", out / "loss_curves.png",
-                               ("loss", "eval_colour", "eval_shape", "eval_position"))
-            ema_model.to(d.device)
-        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
-            logger.warning("stopping at step %d: --max_minutes=%g reached", step, cfg.max_minutes)
+            last_eval = evaluate_and_export(cfg, snapshot, prompts, prompt_attrs, step, metrics)
+        if common.out_of_time(cfg, t0, step):
             break
     bar.close()
-    checkpoint()
+    common.save_run_state(cfg, step, pos, d, state)
     result: dict = {"step": step, "train_seconds": time.time() - t0}
     if d.is_main:
-        path = export()
-        common.plot_curves(out / "metrics.jsonl", out / "loss_curves.png", ("loss", "eval_colour", "eval_shape", "eval_position"))
-        result.update(checkpoint=str(path), unet_params=unet.num_parameters(), text_params=text_encoder.num_parameters(),
-                      **{f"eval_{k}": v for k, v in last_eval.items()})
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        logger.info("U-Net done at step %d: checkpoint %s", step, path)
-    if d.enabled:
-        dist.barrier()
-    common.cleanup_distributed()
+        result.update(export_final(cfg, snapshot, model, last_eval, step, result))
+    common.end_run(d)
     return result
 
 
-@torch.no_grad()
-def _evaluate(ld: LatentDiffusion, prompts: list[str], attrs: list | None, cfg: UNetTrainConfig, grid: Path) -> dict:
-    """Sample the fixed prompts (fixed seed), save the grid, and score it when the ground truth is known."""
-    from training.sample import sample
-    images = sample(ld, prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.eval_guidance, seed=cfg.seed)
-    common.save_grid(images, grid, ncols=max(1, (len(prompts) + 1) // 2))
-    (grid.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
-    if not attrs:
-        return {}
-    from training.evaluate import evaluate_images
-    r = evaluate_images(list(images), attrs)
-    return {k: r[k] for k in ("colour", "shape", "position", "count", "background")}
+# ----------------------------------------------------------------------------------------------
+# evaluation and the checkpoint folder
+
+class EMASnapshot:
+    """The EMA weights (in a copy of the model) with the frozen VAE and the tokenizer: what is sampled and saved."""
+
+    def __init__(self, cfg: UNetTrainConfig, model: Denoiser, ema: common.EMA, vae, tok: TokenizerFiles):
+        self.cfg, self.ema, self.vae, self.tok = cfg, ema, vae, tok
+        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.export_dir = Path(cfg.export_dir) if cfg.export_dir else Path(cfg.out_dir) / "checkpoint"
+
+    def latent_diffusion(self, step: int) -> LatentDiffusion:
+        """The current EMA weights on the CPU, with the run's config and step for the checkpoint's record."""
+        self.ema.copy_to(self.ema_model)
+        cfg = self.cfg
+        return LatentDiffusion(
+            unet=self.ema_model.unet.cpu(), vae=self.vae, text_encoder=self.ema_model.text_encoder.cpu(),
+            tokenizer_dir=self.tok.dir, tokenizer_config=dict(self.tok.config), scheduler_config=scheduler_config(cfg),
+            default_size=(cfg.image_size, cfg.image_size),
+            extra={"training": {"step": step, "config": common.config_to_dict(cfg)}})
+
+    def save(self, step: int) -> Path:
+        """The checkpoint folder (--export_dir, --export_dtype) that `ldm export` reads."""
+        ld = self.latent_diffusion(step)
+        ld.unet.config.gradient_checkpointing = False  # a training option; the exported config is for inference
+        path = save_checkpoint(ld, self.export_dir, dtype=torch.float16 if self.cfg.export_dtype == "fp16" else None)
+        ld.unet.config.gradient_checkpointing = self.cfg.gradient_checkpointing
+        return path
 
 
-def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5),
-                        steps: int = 20, seed: int = 0, batch: int = 16, out_dir: str | Path | None = None,
-                        denoise_strengths: tuple[float, ...] = ()) -> dict:
-    """Prompt adherence of a checkpoint on the built-in data: {split: {guidance: scores}}.
-
-    "val" prompts use (colour, kind) combinations seen in training (new samples); "heldout" prompts
-    each name at least one combination never seen in training. Images come from `training.sample`
-    (the checkpoint's own scheduler), scored by `training.evaluate.evaluate_images`. With
-    `out_dir`, the first 16 images of each setting are saved as a grid PNG. Each of `denoise_strengths`
-    adds `denoise_scores` at every guidance scale: results["denoise"][strength][guidance].
-    """
-    from training.checkpoint import load_models
-    from training.evaluate import evaluate_images
-    from training.sample import sample
-
-    ld = load_models(checkpoint)
-    size = ld.default_size[0]
-    results: dict = {"vae_reconstruction": vae_reconstruction_scores(ld.vae, size, n, seed)}
-    logger.info("VAE reconstructions of %d validation images (the ceiling for generated ones): %s", n,
-                {k: round(v, 3) for k, v in results["vae_reconstruction"].items()})
-    for split in ("val", "heldout"):
-        ds = ShapesDataset(split, size=size, length=n, seed=seed)
-        pairs = [ds.attrs(i) for i in range(n)]
-        results[split] = {}
-        for gs in guidance_scales:
-            images = np.concatenate([
-                sample(ld, [c for _, c in pairs[a:a + batch]], num_inference_steps=steps, guidance_scale=gs,
-                       seed=seed + a) for a in range(0, n, batch)])
-            r = evaluate_images(list(images), [a for a, _ in pairs])
-            results[split][str(gs)] = {k: r[k] for k in SCORE_KEYS}
-            logger.info("%s guidance %g: %s", split, gs, {k: round(v, 3) for k, v in results[split][str(gs)].items()})
-            if out_dir is not None:
-                common.save_grid(images[:16], Path(out_dir) / f"eval_{split}_g{gs:g}.png", ncols=8)
-    for strength in denoise_strengths:
-        per = results.setdefault("denoise", {})[f"{strength:g}"] = {}
-        for gs in guidance_scales:
-            per[str(gs)] = denoise_scores(ld, strength, n, gs, steps, seed, batch)
-            logger.info("denoising real latents from strength %g, guidance %g: %s", strength, gs,
-                        {k: round(v, 3) for k, v in per[str(gs)].items()})
-    return results
+def _plot_curves(out: Path) -> None:
+    common.plot_curves(out / "metrics.jsonl", out / "loss_curves.png", ("loss", "eval_colour", "eval_shape", "eval_position"))
 
 
-@torch.no_grad()
-def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_scale: float = 3.0, steps: int = 20,
-                   seed: int = 0, batch: int = 16) -> dict:
-    """The evaluator on real validation images encoded, noised to `strength` of the schedule and denoised
-    with their own captions (img2img through `training.sample`). This separates finishing a shape the
-    latents already hold (low strength) from creating one (text to image): a U-Net that scores well
-    below `vae_reconstruction_scores` here loses shapes in the last, low-noise steps."""
-    from training.evaluate import evaluate_images
-    from training.sample import sample_img2img
-
-    ds = ShapesDataset("val", size=ld.default_size[0], length=n, seed=seed)
-    items = [ds.sample(i) for i in range(n)]
-    images = np.concatenate([
-        sample_img2img(ld, [c for _, c, _ in items[a:a + batch]], np.stack([im for im, _, _ in items[a:a + batch]]),
-                       strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + a)
-        for a in range(0, n, batch)])
-    r = evaluate_images(list(images), [a for _, _, a in items])
-    return {k: r[k] for k in SCORE_KEYS}
+def evaluate_and_export(cfg: UNetTrainConfig, snapshot: EMASnapshot, prompts: list[str], attrs: list | None,
+                        step: int, metrics: common.MetricsLog) -> dict:
+    """Sample and score the fixed prompts with the EMA weights, log the scores, save the checkpoint folder."""
+    out = Path(cfg.out_dir)
+    scores = evaluate_prompts(snapshot.latent_diffusion(step), prompts, attrs, cfg.sample_steps, cfg.eval_guidance,
+                              cfg.seed, out / "samples" / f"step_{step:06d}.png")
+    metrics.write(step=step, **{f"eval_{k}": v for k, v in scores.items()})
+    snapshot.save(step)
+    _plot_curves(out)
+    return scores
 
 
-@torch.no_grad()
-def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0) -> dict:
-    """The evaluator on the VAE's reconstructions (posterior mean) of real validation images: what the
-    autoencoder keeps of colour, shape, ... is an upper bound for what any generated image can score."""
-    from training.evaluate import evaluate_images
-
-    ds = ShapesDataset("val", size=size, length=n, seed=seed)
-    attrs = [ds.attrs(i)[0] for i in range(n)]
-    x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
-    r = torch.cat([vae.decode(vae.encode(x[a:a + 32])[0]) for a in range(0, n, 32)])
-    images = ((r.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    scores = evaluate_images(list(images), attrs)
-    return {k: scores[k] for k in SCORE_KEYS}
+def export_final(cfg: UNetTrainConfig, snapshot: EMASnapshot, model: Denoiser, last_eval: dict, step: int,
+                 result: dict) -> dict:
+    """The final checkpoint folder and OUT_DIR/result.json; returns what it adds to `result`."""
+    out = Path(cfg.out_dir)
+    path = snapshot.save(step)
+    _plot_curves(out)
+    added = dict(checkpoint=str(path), unet_params=model.unet.num_parameters(),
+                 text_params=model.text_encoder.num_parameters(), **{f"eval_{k}": v for k, v in last_eval.items()})
+    (out / "result.json").write_text(json.dumps({**result, **added}, indent=2) + "\n")
+    logger.info("U-Net done at step %d: checkpoint %s", step, path)
+    return added

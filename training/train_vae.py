@@ -13,7 +13,6 @@ are per-pixel means; the KL is the mean per latent element.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 from training import common
+from training.checkpoint import load_vae, save_vae
 from training.common import ConfigError
 from training.data import FolderDataset, ShapesDataset
 from training.losses import LPIPS, PatchDiscriminator, RandomFeaturePerceptual, adaptive_gan_weight, hinge_d_loss
@@ -127,6 +125,20 @@ def random_crop(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, (y, xx) in enumerate(zip(ys, xs))])
 
 
+def image_sources(cfg: VAETrainConfig) -> tuple[ImageSource, ImageSource]:
+    """(training images, validation images): the built-in data has a validation split, a folder validates on itself."""
+    train_images = ImageSource(cfg.data, cfg.image_size, cfg.train_length, cfg.seed, "train")  # DatasetError if unusable
+    val_images = (ImageSource("shapes", cfg.image_size, max(cfg.eval_images, 1), cfg.seed, "val")
+                  if cfg.data == "shapes" else train_images)
+    return train_images, val_images
+
+
+def training_batch(cfg: VAETrainConfig, images: ImageSource, idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+    """The global batch (B, 3, S, S), with --crop_size crops drawn for all of it: the same on every rank."""
+    x = images.batch(idx)
+    return random_crop(x, cfg.crop_size, g) if cfg.crop_size else x
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics
 
@@ -183,31 +195,72 @@ def latent_scale_factor(vae: AutoencoderKL, images: ImageSource, n: int, seed: i
     return 1.0 / std, std
 
 
-def save_vae(vae: AutoencoderKL, folder: Path, metrics: dict | None = None) -> Path:
-    """`folder/config.json` (our VAEConfig, holding scaling_factor) + `folder/model.safetensors`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(sd, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(common.config_to_dict(vae.config), indent=2) + "\n")
-    if metrics is not None:
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return folder
+# ----------------------------------------------------------------------------------------------
+# model and the two optimisation steps
 
-
-def load_vae(folder: str | Path) -> AutoencoderKL:
-    """Read what `save_vae` wrote (or the `vae/` folder of a checkpoint)."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ConfigError(f"--vae: {p} is missing (expected the vae/ folder written by `ldm train vae`)")
-    cfg = common.config_from_dict(VAEConfig, json.loads(cfg_path.read_text()))
-    vae = AutoencoderKL(cfg)
-    vae.load_state_dict(load_file(str(w_path)))
+def build_vae(cfg: VAETrainConfig) -> AutoencoderKL:
+    """A new autoencoder, or the --init one (whose architecture replaces the options); with
+    --train_encoder=false its encoder is frozen."""
+    if not cfg.train_encoder and not cfg.init:
+        raise ConfigError("--train_encoder=false fine-tunes the decoder of a trained VAE: it needs --init=VAE_FOLDER")
+    if cfg.init:
+        vae = load_vae(cfg.init)  # ConfigError if the folder is incomplete
+    else:
+        vae = AutoencoderKL(VAEConfig(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
+                                      layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                                      mid_block_add_attention=cfg.mid_block_add_attention, sample_size=cfg.image_size,
+                                      scaling_factor=1.0))
+    if not cfg.train_encoder:
+        for m in (vae.encoder, vae.quant_conv):
+            if m is not None:
+                m.requires_grad_(False)
     return vae
+
+
+def autoencoder_loss(cfg: VAETrainConfig, vae: AutoencoderKL, disc: PatchDiscriminator, perceptual: torch.nn.Module,
+                     x: torch.Tensor, g_noise: torch.Generator, rows: slice, gan_on: bool):
+    """The autoencoder's loss on this rank's images `x`: (loss, reconstruction, (l1, perceptual, kl, g_loss), w_adv).
+
+    The posterior draws are made for the global batch, then this rank's rows are taken."""
+    with torch.set_grad_enabled(cfg.train_encoder):
+        mean, logvar = vae.encode(x)
+    eps = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=g_noise)[rows].to(x.device)
+    recon = vae.decode(mean + torch.exp(0.5 * logvar) * eps)
+    l1 = (recon - x).abs().mean()
+    pixel = l1 if cfg.pixel_loss == "l1" else (recon - x).pow(2).mean()
+    perc = perceptual(recon, x).mean() if cfg.perceptual_weight > 0 else torch.zeros(())
+    nll = pixel + cfg.perceptual_weight * perc
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    loss = nll + cfg.kl_weight * kl
+    g_loss = w_adv = torch.zeros(())
+    if gan_on:
+        disc.requires_grad_(False)
+        g_loss = -disc(recon).mean()
+        w_adv = adaptive_gan_weight(nll, g_loss, vae.decoder.conv_out.weight) * cfg.disc_weight
+        loss = loss + w_adv * g_loss
+        disc.requires_grad_(True)
+    return loss, recon, (l1, perc, kl, g_loss), w_adv
+
+
+def discriminator_step(disc: PatchDiscriminator, opt_d: torch.optim.Optimizer, x: torch.Tensor, recon: torch.Tensor,
+                       d: common.Dist) -> torch.Tensor:
+    """One hinge-loss step of the PatchGAN on the real images and the (detached) reconstructions."""
+    d_loss = hinge_d_loss(disc(x.detach()), disc(recon.detach()))
+    _optimizer_step(opt_d, d_loss, list(disc.parameters()), d)
+    return d_loss
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                    d: common.Dist, grad_clip: float | None = None) -> torch.Tensor | None:
+    """Backward, gradients averaged over the processes, clipped to `grad_clip` if given, then the step;
+    returns the gradient norm before clipping (None without clipping)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if d.enabled:
+        _allreduce_grads(params, d.world_size)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else None
+    opt.step()
+    return gnorm
 
 
 def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -228,40 +281,20 @@ def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # the loop
 
+LOSS_TERMS = ("loss", "loss_l1", "loss_perceptual", "kl", "loss_g", "loss_d")  # logged as means since the last line
+
+
 def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
     """Train (or resume) the autoencoder; returns the final metrics (psnr, ssim, scaling_factor, ...)."""
-    common.set_threads(cfg.threads)
-    d = common.setup_distributed(cfg.device)
+    cfg, d = common.start_run(cfg, resume)
     out = Path(cfg.out_dir)
-    state_path = out / common.STATE_FILE
-    if resume:  # the resolved config of the run being resumed, with this command's explicit overrides on top
-        cfg = common.resumed_config(common.read_state(state_path)[0], cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
 
     # data
-    train_images = ImageSource(cfg.data, cfg.image_size, cfg.train_length, cfg.seed, "train")  # DatasetError if unusable
-    val_images = (ImageSource("shapes", cfg.image_size, max(cfg.eval_images, 1), cfg.seed, "val")
-                  if cfg.data == "shapes" else train_images)
+    train_images, val_images = image_sources(cfg)
     rows = common.shard(cfg.batch_size, d)
 
-    # model, losses, optimisers
-    if not cfg.train_encoder and not cfg.init:
-        raise ConfigError("--train_encoder=false fine-tunes the decoder of a trained VAE: it needs --init=VAE_FOLDER")
-    if cfg.init:
-        vae = load_vae(cfg.init).to(d.device)  # ConfigError if the folder is incomplete
-        vcfg = vae.config
-        init_factor = vcfg.scaling_factor
-    else:
-        vcfg = VAEConfig(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
-                         layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-                         mid_block_add_attention=cfg.mid_block_add_attention, sample_size=cfg.image_size,
-                         scaling_factor=1.0)
-        vae = AutoencoderKL(vcfg).to(d.device)
-    if not cfg.train_encoder:
-        for m in (vae.encoder, vae.quant_conv):
-            if m is not None:
-                m.requires_grad_(False)
+    # model, losses, optimisers, and the training state that holds them
+    vae = build_vae(cfg).to(d.device)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     disc = PatchDiscriminator(width=32, n_layers=2, groups=8).to(d.device)
     perceptual = (LPIPS(cfg.lpips_weights) if cfg.lpips_weights else RandomFeaturePerceptual()).to(d.device)
@@ -269,132 +302,89 @@ def train(cfg: VAETrainConfig, resume: bool = False) -> dict:
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)  # crops
     g_noise = torch.Generator().manual_seed(cfg.seed + 2)  # posterior draws
-    gens = {"data": g_data, "noise": g_noise}
-    step, pos = 0, (0, 0)
+    state = dict(modules={"vae": vae, "disc": disc}, emas={}, optimizers={"vae": opt, "disc": opt_d},
+                 generators={"data": g_data, "noise": g_noise})
     metrics = common.MetricsLog(out / "metrics.jsonl", d.is_main)
-    if resume:
-        index = common.load_state(state_path, modules={"vae": vae, "disc": disc}, emas={},
-                                  optimizers={"vae": opt, "disc": opt_d}, generators=gens)
-        step, pos = index["step"], tuple(index["data_pos"])
-        metrics.truncate_after(step)
-        logger.info("resumed %s at step %d", state_path, step)
-    elif d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(common.config_to_dict(cfg), indent=2) + "\n")
+    step, pos = common.start_or_resume(cfg, resume, d, metrics, state)
     if d.is_main:
         logger.info("VAE %.2fM params, spatial factor %d, %d processes", vae.num_parameters() / 1e6,
-                    vcfg.spatial_factor, d.world_size)
+                    vae.config.spatial_factor, d.world_size)
 
-    def checkpoint() -> None:
-        if d.is_main:
-            common.save_state(state_path, config=cfg, step=step, data_pos=pos, modules={"vae": vae, "disc": disc},
-                              emas={}, optimizers={"vae": opt, "disc": opt_d}, generators=gens)
-
-    last_layer = vae.decoder.conv_out.weight
-    t0, t_last, last_eval = time.time(), time.time(), {}
-    sums, n_sum = torch.zeros(6), 0  # loss terms summed since the last log line: the log holds their means
+    t0, last_eval, window = time.time(), {}, common.LossWindow(LOSS_TERMS)
     bar = common.progress(cfg.max_steps, step, cfg.progress and d.is_main, "vae")
     vae.train()
     while step < cfg.max_steps:
         idx, pos = common.batch_indices(len(train_images), cfg.batch_size, pos, cfg.seed)
-        x = train_images.batch(idx)
-        if cfg.crop_size:
-            x = random_crop(x, cfg.crop_size, g_data)  # drawn for the global batch: same on every rank
-        x = x[rows].to(d.device)
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-        # generator (autoencoder) step
-        with torch.set_grad_enabled(cfg.train_encoder):
-            mean, logvar = vae.encode(x)
-        eps = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=g_noise)[rows].to(d.device)
-        z = mean + torch.exp(0.5 * logvar) * eps
-        recon = vae.decode(z)
-        l1 = (recon - x).abs().mean()
-        pixel = l1 if cfg.pixel_loss == "l1" else (recon - x).pow(2).mean()
-        perc = perceptual(recon, x).mean() if cfg.perceptual_weight > 0 else torch.zeros(())
-        nll = pixel + cfg.perceptual_weight * perc
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        loss = nll + cfg.kl_weight * kl
+        x = training_batch(cfg, train_images, idx, g_data)[rows].to(d.device)
+        lr = common.scheduled_lr(opt, step, cfg)
         gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
-        g_loss = w_adv = torch.zeros(())
-        if gan_on:
-            disc.requires_grad_(False)
-            g_loss = -disc(recon).mean()
-            w_adv = adaptive_gan_weight(nll, g_loss, last_layer) * cfg.disc_weight
-            loss = loss + w_adv * g_loss
-            disc.requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if d.enabled:
-            _allreduce_grads(trainable, d.world_size)
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-
-        # discriminator step
-        d_loss = torch.zeros(())
-        if gan_on:
-            x_real = x.detach()
-            d_loss = hinge_d_loss(disc(x_real), disc(recon.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if d.enabled:
-                _allreduce_grads(list(disc.parameters()), d.world_size)
-            opt_d.step()
+        loss, recon, terms, w_adv = autoencoder_loss(cfg, vae, disc, perceptual, x, g_noise, rows, gan_on)
+        gnorm = _optimizer_step(opt, loss, trainable, d, cfg.grad_clip)
+        d_loss = discriminator_step(disc, opt_d, x, recon, d) if gan_on else torch.zeros(())
         step += 1
         bar.update(1)
-        sums += torch.stack([v.detach().float().cpu() for v in (loss, l1, perc, kl, g_loss, d_loss)])
-        n_sum += 1
-
+        window.add(loss, *terms, d_loss)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            vals = common.rank_mean(sums / n_sum, d)
-            dt = (time.time() - t_last) / n_sum
-            t_last, sums, n_sum = time.time(), torch.zeros(6), 0
-            rec = dict(zip(("loss", "loss_l1", "loss_perceptual", "kl", "loss_g", "loss_d"), map(float, vals)))
+            rec, dt = window.means(d)
             metrics.write(step=step, lr=lr, grad_norm=float(gnorm), w_adv=float(w_adv),
                           sec_per_step=dt, elapsed_s=time.time() - t0, **rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", l1=f"{rec['loss_l1']:.4f}", s_it=f"{dt:.2f}")
         if step % cfg.ckpt_every == 0:
-            checkpoint()
+            common.save_run_state(cfg, step, pos, d, state)
         if d.is_main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            last_eval = evaluate(vae, val_images, cfg.eval_images)
-            metrics.write(step=step, **{f"val_{k}": v for k, v in last_eval.items()})
-            logger.info("step %d: val PSNR %.2f dB, SSIM %.4f", step, last_eval["psnr"], last_eval["ssim"])
-            _save_recon_grid(vae, val_images, out / "samples" / f"recon_{step:06d}.png")
-            common.plot_curves(out / "metrics.jsonl", out / "loss_curves.png",
-                               ("loss", "loss_l1", "loss_perceptual", "loss_d", "val_psnr", "val_ssim"))
-        if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
-            logger.warning("stopping at step %d: --max_minutes=%g reached", step, cfg.max_minutes)
+            last_eval = evaluate_and_log(cfg, vae, val_images, step, metrics)
+        if common.out_of_time(cfg, t0, step):
             break
     bar.close()
-    checkpoint()
+    common.save_run_state(cfg, step, pos, d, state)
+    result = export_vae(cfg, vae, train_images, val_images, last_eval, step, t0, metrics) if d.is_main else {}
+    common.end_run(d)
+    return result
 
-    result: dict = {}
-    if d.is_main:
-        vae.eval()
-        if not last_eval:
-            last_eval = evaluate(vae, val_images, cfg.eval_images)
-        n = cfg.scale_images
-        scale_src = (ImageSource("shapes", cfg.image_size, n, cfg.seed, "train") if cfg.data == "shapes"
-                     else train_images)
-        n = min(n, len(scale_src))
-        factor, std = latent_scale_factor(vae, scale_src, n, cfg.seed)
-        if not cfg.train_encoder:
-            # the encoder is the init's: keep the factor a U-Net may already have been trained with
-            # (recomputed from the same draws, it agrees up to float rounding)
-            factor = init_factor
-        vae.config.scaling_factor = factor
-        result = {"step": step, "psnr": last_eval["psnr"], "ssim": last_eval["ssim"], "scaling_factor": factor,
-                  "latent_std": std, "scale_images": n, "train_seconds": time.time() - t0,
-                  "params": vae.num_parameters()}
-        save_vae(vae, out / "vae", result)
-        metrics.write(step=step, scaling_factor=factor, latent_std=std)
-        logger.info("VAE done: PSNR %.2f dB, SSIM %.4f, scaling_factor %.5f (latent std %.4f over %d images) -> %s",
-                    result["psnr"], result["ssim"], factor, std, n, out / "vae")
-    if d.enabled:
-        dist.barrier()
-    common.cleanup_distributed()
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and the exported folder
+
+def evaluate_and_log(cfg: VAETrainConfig, vae: AutoencoderKL, val_images: ImageSource, step: int,
+                     metrics: common.MetricsLog) -> dict[str, float]:
+    """Validation PSNR / SSIM into the log, a reconstruction grid and the loss curves into OUT_DIR."""
+    out = Path(cfg.out_dir)
+    scores = evaluate(vae, val_images, cfg.eval_images)
+    metrics.write(step=step, **{f"val_{k}": v for k, v in scores.items()})
+    logger.info("step %d: val PSNR %.2f dB, SSIM %.4f", step, scores["psnr"], scores["ssim"])
+    _save_recon_grid(vae, val_images, out / "samples" / f"recon_{step:06d}.png")
+    common.plot_curves(out / "metrics.jsonl", out / "loss_curves.png",
+                       ("loss", "loss_l1", "loss_perceptual", "loss_d", "val_psnr", "val_ssim"))
+    return scores
+
+
+def scale_factor_of(cfg: VAETrainConfig, vae: AutoencoderKL, train_images: ImageSource) -> tuple[float, float, int]:
+    """(scaling_factor, latent std, images used) over --scale_images training images. With a frozen
+    encoder the factor stays the init's, which a U-Net may already have been trained with (recomputed
+    from the same draws, it agrees up to float rounding)."""
+    n = cfg.scale_images
+    src = ImageSource("shapes", cfg.image_size, n, cfg.seed, "train") if cfg.data == "shapes" else train_images
+    n = min(n, len(src))
+    factor, std = latent_scale_factor(vae, src, n, cfg.seed)
+    return (factor if cfg.train_encoder else vae.config.scaling_factor), std, n
+
+
+def export_vae(cfg: VAETrainConfig, vae: AutoencoderKL, train_images: ImageSource, val_images: ImageSource,
+               last_eval: dict, step: int, t0: float, metrics: common.MetricsLog) -> dict:
+    """OUT_DIR/vae with the measured scale factor (what `ldm train unet --vae` takes); returns the result."""
+    out = Path(cfg.out_dir)
+    vae.eval()
+    if not last_eval:
+        last_eval = evaluate(vae, val_images, cfg.eval_images)
+    factor, std, n = scale_factor_of(cfg, vae, train_images)
+    vae.config.scaling_factor = factor
+    result = {"step": step, "psnr": last_eval["psnr"], "ssim": last_eval["ssim"], "scaling_factor": factor,
+              "latent_std": std, "scale_images": n, "train_seconds": time.time() - t0,
+              "params": vae.num_parameters()}
+    save_vae(vae, out / "vae", result)
+    metrics.write(step=step, scaling_factor=factor, latent_std=std)
+    logger.info("VAE done: PSNR %.2f dB, SSIM %.4f, scaling_factor %.5f (latent std %.4f over %d images) -> %s",
+                result["psnr"], result["ssim"], factor, std, n, out / "vae")
     return result
 
 
@@ -409,38 +399,3 @@ def _save_recon_grid(vae: AutoencoderKL, images: ImageSource, path: Path, n: int
     both = torch.cat([x, r]).add(1).div(2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     common.save_grid(both, path, ncols=len(x))
 
-
-def set_checkpoint_vae(checkpoint: str | Path, vae_folder: str | Path) -> Path:
-    """Put a decoder fine-tune (``--init=... --train_encoder=false``) into a trained checkpoint, in place.
-
-    The U-Net of ``checkpoint`` was trained on its VAE's latents, so the new VAE must have the
-    same architecture, the same encoder weights (compared at the checkpoint's storage dtype) and
-    the same scaling factor; otherwise ``ConfigError`` and the checkpoint is left as it was. The
-    weights keep the checkpoint's dtype; the write is atomic (temporary folder, then rename).
-    """
-    from safetensors import safe_open
-
-    from training.checkpoint import load_checkpoint, save_checkpoint
-
-    checkpoint = Path(checkpoint)
-    ld = load_checkpoint(checkpoint)
-    with safe_open(str(checkpoint / "vae" / "model.safetensors"), framework="pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    new = load_vae(vae_folder)
-    old_cfg, new_cfg = common.config_to_dict(ld.vae.config), common.config_to_dict(new.config)
-    diff = sorted(k for k in old_cfg if old_cfg[k] != new_cfg.get(k))
-    if diff:
-        raise ConfigError(f"{vae_folder}: its config differs from {checkpoint}/vae in {', '.join(diff)} "
-                          f"({', '.join(f'{k}: {old_cfg[k]!r} vs {new_cfg.get(k)!r}' for k in diff)}); "
-                          "only a decoder fine-tune of the checkpoint's VAE (--train_encoder=false) fits its U-Net")
-    old_sd, new_sd = ld.vae.state_dict(), new.state_dict()
-    changed = [k for k in old_sd if k.startswith(("encoder.", "quant_conv."))
-               and not torch.equal(old_sd[k], new_sd[k].to(dtype).to(old_sd[k].dtype))]
-    if changed:
-        raise ConfigError(f"{vae_folder}: {len(changed)} encoder tensors differ from {checkpoint}/vae (first: {changed[0]}); "
-                          "the U-Net was trained on the old encoder's latents: fine-tune with --train_encoder=false")
-    ld.vae = new.eval().requires_grad_(False)
-    metrics = Path(vae_folder) / "metrics.json"
-    note = {"decoder_finetune": str(vae_folder),
-            **({"metrics": json.loads(metrics.read_text())} if metrics.is_file() else {})}
-    return save_checkpoint(ld, checkpoint, dtype=dtype if dtype != torch.float32 else None, extra={"vae": note})

@@ -1,8 +1,12 @@
 """onnxruntime backend: CPU, and CUDA with IO binding."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,78 +18,78 @@ from .base import check_feeds
 log = logging.getLogger(__name__)
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", arena: bool = True, optimized_model_path: str | None = None,
-                    mem_pattern: bool = True, spinning: bool = True, spin_stop: bool = False):
-    """Build ``onnxruntime.SessionOptions`` from plain values.
+@dataclass(frozen=True)
+class OrtOptions:
+    """How onnxruntime sessions are opened: one object from ``Pipeline.load`` down to ``SessionOptions``.
 
-    ``mem_pattern``: plan one block for all activations per input shape (after the first run at that
-    shape); ``spinning``: let idle intra-op threads busy-wait for the next parallel section;
-    ``spin_stop``: end that busy-wait when a run returns, so the caller's code between runs gets the cores.
+    ``threads``: intra-op threads (None: onnxruntime's default); ``opt_level``: graph optimization
+    (disable, basic, extended, all); ``arena``: the CPU memory arena; ``mem_pattern``: plan one block
+    for all activations per input shape (None: for the U-Net only, the one component whose shapes
+    repeat every step); ``spinning``: let idle intra-op threads busy-wait for the next parallel
+    section; ``spin_stop``: end that busy-wait when a run returns, so the caller's code between runs
+    gets the cores; ``cpu_variant``: on the CPU, open a component's CPU variant (fused attention,
+    written by ``export.optimize``) where the bundle has one; ``device_id``: the CUDA device.
     """
+
+    threads: int | None = None
+    opt_level: str = "all"
+    arena: bool = True
+    mem_pattern: bool | None = None
+    spinning: bool = True
+    spin_stop: bool = False
+    cpu_variant: bool = True
+    device_id: int = 0
+
+    def __post_init__(self):
+        if self.opt_level not in _OPT_LEVELS:
+            raise ValueError(f"unknown onnxruntime optimization level {self.opt_level!r}; "
+                             f"expected one of {', '.join(_OPT_LEVELS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def uses_mem_pattern(self, component: str) -> bool:
+        return component == "unet" if self.mem_pattern is None else self.mem_pattern
+
+
+def session_options(options: OrtOptions = OrtOptions(), component: str = ""):
+    """``onnxruntime.SessionOptions`` for ``component``'s session, from ``options``."""
     import onnxruntime as ort
 
-    if opt_level not in _OPT_LEVELS:
-        raise ValueError(f"unknown onnxruntime optimization level {opt_level!r}; expected one of {', '.join(_OPT_LEVELS)}")
     so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[opt_level])
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        so.intra_op_num_threads = threads
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[options.opt_level])
+    if options.threads is not None:
+        so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
-    so.enable_cpu_mem_arena = arena
-    so.enable_mem_pattern = mem_pattern
-    if not spinning:
+    so.enable_cpu_mem_arena = options.arena
+    so.enable_mem_pattern = options.uses_mem_pattern(component)
+    if not options.spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if spin_stop:
+    if options.spin_stop:
         so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
-    if optimized_model_path:
-        so.optimized_model_filepath = optimized_model_path
     return so
 
 
 class OnnxRuntimeEngine:
     """One ONNX model in an ``onnxruntime.InferenceSession``.
 
-    ``mem_pattern=None`` (default) turns onnxruntime's memory pattern on for the U-Net only.
     On ``device="cuda"`` inputs are bound with IO binding: numpy feeds are copied to the GPU
     once per call, and ``OrtValue`` feeds that already live on the GPU (see ``to_device``)
     are bound without a copy, so that embeddings stay on the device for a whole sampling loop.
+    Feeds must already have the declared dtypes (the pipeline casts them); they are checked, not cast.
     """
 
     def __init__(self, path: str | os.PathLike, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                 name: str | None = None, device: str = "cpu", threads: int | None = None,
-                 opt_level: str = "all", arena: bool = True, device_id: int = 0, mem_pattern: bool | None = None,
-                 spinning: bool = True, spin_stop: bool = False):
-        import onnxruntime as ort
-
+                 name: str | None = None, device: str = "cpu", options: OrtOptions = OrtOptions()):
         self.name = name or Path(path).stem
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.device = device
-        self.device_id = device_id
-        if device == "cpu":
-            providers: list[Any] = ["CPUExecutionProvider"]
-        elif device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError(
-                    "device 'cuda' needs onnxruntime-gpu (pip install 'ldm-runtime[gpu]'); "
-                    f"this onnxruntime has providers {ort.get_available_providers()}"
-                )
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        else:
-            raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
-        if mem_pattern is None:
-            # the planned activation block pays off for the U-Net (same shapes every step: measured 10%
-            # faster on a small one); for a component run once per image it is a second copy of
-            # the activations (VAE decoder at 256x256: +120 MB, no faster)
-            mem_pattern = self.name == "unet"
-        so = session_options(threads=threads, opt_level=opt_level, arena=arena, mem_pattern=mem_pattern, spinning=spinning,
-                             spin_stop=spin_stop)
-        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        self.device_id = options.device_id
+        self.session = open_session(path, session_options(options, self.name), device, options.device_id)
         declared = {i.name for i in self.session.get_inputs()}
         wanted = {s.name for s in self.inputs}
         if declared != wanted:
@@ -94,15 +98,15 @@ class OnnxRuntimeEngine:
         self._checked: tuple | None = None  # signature of the last feeds that passed check_feeds
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, component: str, device: str = "cpu", cpu_variant: bool = True,
-                      **options) -> "OnnxRuntimeEngine":
-        """Open ``component``; on the CPU its ``cpu_variant`` graph (fused attention, written by
-        ``export.optimize``) when the bundle has one and ``cpu_variant`` is true."""
+    def from_manifest(cls, manifest: Manifest, component: str, device: str = "cpu",
+                      options: OrtOptions = OrtOptions()) -> "OnnxRuntimeEngine":
+        """Open ``component``; on the CPU its ``cpu_variant`` graph when the bundle has one and
+        ``options.cpu_variant`` is true."""
         info = manifest.component(component)
         variant = info.extra.get("cpu_variant") or {}
-        use = device == "cpu" and cpu_variant and variant.get("file")
+        use = device == "cpu" and options.cpu_variant and variant.get("file")
         path = manifest.path(variant["file"] if use else info.file)
-        return cls(path, info.inputs, info.outputs, name=component, device=device, **options)
+        return cls(path, info.inputs, info.outputs, name=component, device=device, options=options)
 
     def to_device(self, arr: np.ndarray):
         """Copy ``arr`` to this engine's device once; the result can be fed to ``run`` repeatedly."""
@@ -131,6 +135,87 @@ class OnnxRuntimeEngine:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+
+
+# -- sessions ----------------------------------------------------------------------------------------
+
+def open_session(path: str | os.PathLike, so: Any, device: str, device_id: int = 0):
+    """An ``InferenceSession`` on ``device``; on "cuda" one that really runs on the CUDA provider, or an error."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    if device != "cuda":
+        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        raise RuntimeError("device 'cuda' needs onnxruntime-gpu (pip install 'ldm-runtime[gpu]'); "
+                           f"this onnxruntime has providers {ort.get_available_providers()}")
+    preload_report = preload_cuda_libraries()
+    session = ort.InferenceSession(str(path), sess_options=so,
+                                   providers=[(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"])
+    require_cuda_provider(session, preload_report)
+    return session
+
+
+def require_cuda_provider(session: Any, preload_report: str = "") -> None:
+    """Refuse a CUDA session that onnxruntime quietly put on the CPU (its CUDA or cuDNN libraries did not load)."""
+    import onnxruntime as ort
+
+    active = list(session.get_providers())
+    if active and active[0] == CUDA_PROVIDER:
+        return
+    raise RuntimeError(
+        f"device 'cuda': onnxruntime {ort.__version__} (built for CUDA {built_cuda_version() or 'unknown'}) "
+        f"could not start {CUDA_PROVIDER} and fell back to {active}: the CUDA runtime or cuDNN libraries "
+        "that build needs did not load; install the versions it was built for"
+        + (f" (onnxruntime.preload_dlls: {preload_report})" if preload_report else ""))
+
+
+def built_cuda_version() -> str:
+    """The CUDA version this onnxruntime was built for ("" for a CPU build)."""
+    import onnxruntime as ort
+
+    version = getattr(ort, "cuda_version", None)
+    if version is None:  # older releases keep it only in the build info module
+        from onnxruntime.capi import build_and_package_info as info
+
+        version = getattr(info, "cuda_version", "")
+    return str(version or "")
+
+
+_preload_lock = threading.Lock()
+_preload_report: str | None = None
+
+
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries the CUDA provider needs (``onnxruntime.preload_dlls``, 1.21+), once.
+
+    It finds them in the nvidia pip packages where those are installed. A failure here is not
+    fatal: the system loader may still find them when the session starts, and
+    ``require_cuda_provider`` then has the last word. Returns what preloading reported, for that error.
+    """
+    global _preload_report
+    import onnxruntime as ort
+
+    with _preload_lock:  # sessions open on several threads; preload and redirect stdout on one
+        if _preload_report is None:
+            _preload_report = _preload(getattr(ort, "preload_dlls", None))
+        return _preload_report
+
+
+def _preload(preload: Any) -> str:
+    if preload is None:
+        return ""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):  # it prints what it could not load: stdout is for results
+            preload()
+    except (OSError, RuntimeError) as e:
+        printed.write(f"failed: {e}")
+    report = " ".join(printed.getvalue().split())
+    if report:
+        log.info("onnxruntime.preload_dlls: %s", report)
+    return report
 
 
 class _ShapeDtype:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'ldm-runtime[trt]'"
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the runtime needs a newer driver
 
 # TensorRT DataType names -> numpy dtype names (the types a bundle's ONNX can carry)
 TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64",
@@ -59,11 +60,34 @@ def require_tensorrt() -> None:
         raise TensorRTUnavailable(f"TensorRT is not installed ({INSTALL_HINT})")
     try:
         from cuda.bindings import runtime as cudart
-    except ImportError:
-        raise TensorRTUnavailable(f"cuda-python is not installed ({INSTALL_HINT})") from None
+    except ImportError:  # cuda-python before 12.6.1 has no cuda.bindings
+        raise TensorRTUnavailable(f"cuda-python>=12.6.1 (cuda.bindings) is not installed ({INSTALL_HINT})") from None
     err, count = cudart.cudaGetDeviceCount()
+    driver = driver_cuda_version(cudart)
+    if int(err) == CUDA_ERROR_INSUFFICIENT_DRIVER and driver:  # with no driver at all, 35 too: no GPU
+        raise TensorRTUnavailable(_driver_too_old_message(driver, cuda_bindings_version()))
     if int(err) != 0 or not count:
         raise TensorRTUnavailable(f"no CUDA GPU is available ({_error_name(err) if int(err) else 'device count 0'})")
+
+
+def driver_cuda_version(cudart: Any) -> int:
+    """The CUDA version the installed driver supports, as 1000 * major + 10 * minor (0: no driver)."""
+    err, version = cudart.cudaDriverGetVersion()
+    return int(version or 0) if int(err) == 0 else 0
+
+
+def cuda_bindings_version() -> str:
+    from cuda import bindings
+
+    return str(getattr(bindings, "__version__", "?"))
+
+
+def _driver_too_old_message(driver_cuda: int, bindings_version: str) -> str:
+    """What cudaErrorInsufficientDriver means: the bindings' CUDA major is newer than the driver's."""
+    driver = f"{driver_cuda // 1000}.{driver_cuda % 1000 // 10}"
+    return (f"the NVIDIA driver (CUDA {driver}) is too old for cuda-bindings {bindings_version}: "
+            "install the cuda-python of the driver's CUDA major (pip install 'ldm-runtime[trt]' for CUDA 12, "
+            "'ldm-runtime[trt-cu13]' for CUDA 13) or update the driver")
 
 
 def _error_name(err: Any) -> str:
@@ -360,10 +384,6 @@ class TensorRTEngine:
             if name in self._profile:
                 check_profile(self.name, name, shape, *self._profile[name])
 
-    def profile_range(self, input_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(min, max) shape of ``input_name`` in the plan's optimization profile."""
-        return self._profile[input_name]
-
     def _buffer(self, name: str, nbytes: int) -> int:
         from cuda.bindings import runtime as cudart
 
@@ -377,8 +397,13 @@ class TensorRTEngine:
 
     def _bind_memory(self) -> None:
         if self._bound_ptr != self._pool.ptr:
-            self._context.set_device_memory(self._pool.ptr, self._pool.size)
+            set_device_memory(self._context, self._pool.ptr, self._pool.size)
             self._bound_ptr = self._pool.ptr
+
+    @property
+    def cuda_graph_active(self) -> bool:
+        """True while a captured CUDA graph replays the calls (False: plain enqueues)."""
+        return self._graph_exec is not None
 
     # -- running ---------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -452,8 +477,9 @@ class TensorRTEngine:
 
         stream = self._stream
         try:
-            _cuda(cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
-                  "cudaStreamBeginCapture")
+            # thread-local (as trtexec): a global capture would fail other threads' CUDA calls meanwhile
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _cuda(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
             ok = self._context.execute_async_v3(int(stream))
             err, graph = cudart.cudaStreamEndCapture(stream)
             if not ok or int(err) != 0 or graph is None:
@@ -498,6 +524,15 @@ class TensorRTEngine:
                 self.close()
         except Exception:  # interpreter shutdown: modules may be gone already
             pass
+
+
+def set_device_memory(context: trt.IExecutionContext, ptr: int, size: int) -> None:
+    """Give ``context`` its activation memory: ``set_device_memory`` (TensorRT 10.1+), else the
+    ``device_memory`` attribute of TensorRT 10.0."""
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(ptr, size)
+    else:
+        setattr(context, "device_memory", ptr)
 
 
 def _profile_range(engine: trt.ICudaEngine, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -3,7 +3,7 @@
 Each sample is one or two objects (circle, square, triangle, star, cross) in a palette colour,
 small or large, in a cell of a 3x3 grid, on a solid palette background, with a caption a
 person would write ("a small red circle in the top left on a blue background") and the exact
-ground truth (`Attrs`) that `training.evaluate` scores generated images against.
+ground truth (`Attrs`) that `training.scorer` scores generated images against.
 
 Splits (the held-out combinations are the same for every seed):
 - "train": objects never have a (colour, kind) pair from `HELDOUT_COMBOS`;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the shipped default model into engines/default/ (a checkpoint folder that `ldm export` reads).
+# Trains the shipped default model into checkpoints/default/ (a checkpoint folder that `ldm export` reads).
 #
 # Built for a 2-core CPU shared with other jobs (one torch thread per process):
 #   stage 1  KL-f4 autoencoder, 64x64 px -> 4x16x16 latents, 0.92M params, trained on 32x32 crops
@@ -12,7 +12,7 @@
 # when the flaw above was found); the run was then resumed with this script's settings (batch 32, 2 threads;
 # max_steps 9000, raised to 10500 at step 5100, then lowered to 8500 at step 6800 when the decoder
 # fine-tune (stage 1b) started beside it and both went to 1 thread).
-# Stage 2b (added in session 3) fine-tunes that U-Net for 8,500 steps with low-noise timesteps drawn 3x as often
+# Stage 2b fine-tunes that U-Net for 8,500 steps with low-noise timesteps drawn 3x as often
 # (--timestep_bias=earlier over the first half of the schedule): at uniform draws the U-Net had not learned to
 # finish small shapes (from real latents noised to t=199 the evaluator read the right shape in 34-38% of 64 images,
 # against 74% for the VAE's own reconstructions); 15 minutes of training on t < 300 alone raised that to 45-51% (on 48 images).
@@ -62,9 +62,9 @@ $PY -m training.cli train unet --out_dir="$RUN/unet_ft" --vae="$RUN/vae/vae" --i
   --timestep_bias=earlier --timestep_bias_portion=0.5 --timestep_bias_multiplier=3 \
   --batch_size=32 --max_steps=${FT_STEPS:-8500} --lr=2e-4 --warmup_steps=50 --ema_decay=0.998 \
   --eval_every=1000 --eval_prompts=8 --sample_steps=20 --ckpt_every=50 \
-  --export_dir=engines/default --export_dtype=fp16 --threads=${FT_THREADS:-2} --max_minutes=${FT_MINUTES:-100} \
+  --export_dir=checkpoints/default --export_dtype=fp16 --threads=${FT_THREADS:-2} --max_minutes=${FT_MINUTES:-100} \
   --progress=false $(resume "$RUN/unet_ft")
 
 # the checkpoint the U-Net stage exported, with the fine-tuned decoder (same encoder, same scale factor)
 if [ -n "${DEC_PID:-}" ]; then wait "$DEC_PID"; fi
-$PY -m training.cli train set-vae engines/default "$RUN/vae_dec/vae"
+$PY -m training.cli train set-vae checkpoints/default "$RUN/vae_dec/vae"

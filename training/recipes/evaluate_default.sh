@@ -6,14 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-CKPT=${CKPT:-engines/default}
+CKPT=${CKPT:-checkpoints/default}
 OUT=${OUT:-runs/default/eval}
-mkdir -p "$OUT"
-OMP_NUM_THREADS=${THREADS:-1} $PY -c "
-import json, logging, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from training.train_unet import evaluate_checkpoint
-r = evaluate_checkpoint('$CKPT', n=${N:-64}, steps=${STEPS:-20}, out_dir='$OUT', denoise_strengths=tuple([${STRENGTHS-0.2, 0.4}]))
-open('$OUT/eval.json', 'w').write(json.dumps(r, indent=2))
-print(json.dumps(r, indent=2))
-"
+OMP_NUM_THREADS=${THREADS:-1} $PY -m training.evaluate "$CKPT" --n "${N:-64}" --steps "${STEPS:-20}" --out "$OUT" \
+  --strengths "${STRENGTHS-0.2, 0.4}"

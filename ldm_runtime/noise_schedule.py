@@ -1,8 +1,11 @@
-"""Noise-schedule arrays in numpy: betas -> alphas_cumprod -> sigmas, timestep spacing, Karras sigmas.
+"""The diffusion noise schedule as numpy arrays: betas -> alphas_cumprod -> sigmas, timestep grids.
 
-Everything here mirrors the dtype path of diffusers' schedulers (torch float32 where diffusers
-uses torch, numpy float64 where it uses numpy), because the low-noise end of the schedule
-(1 - alphas_cumprod near t=0) amplifies rounding differences.
+This module holds data, not algorithms: the training schedule (beta_t, alpha_bar_t, the noise
+levels sigma_t) and the inference timestep grids that diffusers lays out, as plain arrays and
+pure functions. The samplers that step through these arrays, one class per diffusers scheduler,
+live in ``schedulers.py``. Everything here mirrors the dtype path of diffusers' schedulers (torch
+float32 where diffusers uses torch, numpy float64 where it uses numpy), because the low-noise end
+of the schedule (1 - alphas_cumprod near t=0) amplifies rounding differences.
 """
 from __future__ import annotations
 
@@ -81,27 +84,24 @@ def spaced_timesteps(
     *,
     skip_zero: bool = False,
     fractional: bool = False,
-    last_timestep: int | None = None,
 ) -> np.ndarray:
     """Descending inference timesteps as diffusers spaces them (Lin et al. 2023, Table 2).
 
     skip_zero: the multistep solvers lay out num_steps + 1 points and drop t=0 (linspace, leading).
     fractional: the Euler schedulers keep float32 timesteps and do not round linspace.
-    last_timestep: DPM-Solver's clipped upper end (num_train_timesteps when unclipped).
     """
     T = num_train_timesteps
-    last = T if last_timestep is None else last_timestep
     n = num_steps + 1 if skip_zero else num_steps
     if spacing == "linspace":
         if fractional:
             ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
         else:
-            ts = np.linspace(0, last - 1, n).round()[::-1]
+            ts = np.linspace(0, T - 1, n).round()[::-1]
     elif spacing == "leading":
-        ts = (np.arange(0, n) * (last // n)).round()[::-1]
+        ts = (np.arange(0, n) * (T // n)).round()[::-1]
         ts = ts.astype(np.float32 if fractional else np.int64) + steps_offset
     elif spacing == "trailing":
-        ts = np.arange(last, 0, -T / num_steps).round()
+        ts = np.arange(T, 0, -T / num_steps).round()
         ts = ts.astype(np.float32 if fractional else np.int64) - 1
     else:
         raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")

@@ -14,18 +14,16 @@ Measured (medians over ``--repeats`` runs after ``--warmup`` runs):
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` (when matplotlib is importable) into
 ``--out``, and prints the markdown. torch-free: it measures the runtime only; the diffusers peer
-is ``bench/compare_diffusers.py``.
+is ``bench/compare_diffusers.py``. The tables and plot are ``bench.report``'s, the child processes
+``bench.proc``'s, and the clock inside the engines is ``ldm_runtime.timing``'s.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,81 +32,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
+from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
+from bench.report import plot, to_markdown
+from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_sizes
+from ldm_runtime.manifest import BundleError
+from ldm_runtime.timing import EngineClock, instrument
 
 logger = logging.getLogger(__name__)
 
 PROMPT = "a red circle on a blue background"
-TIMED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-
-
-# ---------------------------------------------------------------------------------------------
-# the clock inside the engines
-
-
-class EngineClock:
-    """Seconds and calls spent inside each component's inference library since the last ``reset``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-
-    def add(self, component: str, seconds: float) -> None:
-        self.seconds[component] = self.seconds.get(component, 0.0) + seconds
-        self.calls[component] = self.calls.get(component, 0) + 1
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
-
-class _TimedCall:
-    """Wraps one object's methods: each call's wall time goes to ``clock`` under ``component``."""
-
-    def __init__(self, target: Any, clock: EngineClock, component: str, methods: tuple[str, ...]):
-        self._target, self._clock, self._component = target, clock, component
-        for name in methods:
-            if hasattr(target, name):
-                setattr(self, name, self._timed(getattr(target, name)))
-
-    def _timed(self, fn: Callable) -> Callable:
-        clock, component = self._clock, self._component
-
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock.add(component, time.perf_counter() - t0)
-
-        return call
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
-def instrument(pipe: Any, components: tuple[str, ...] = TIMED_COMPONENTS) -> EngineClock:
-    """Open ``components`` of ``pipe`` and clock the time spent inside their inference library.
-
-    An engine with an onnxruntime ``session`` gets the session wrapped (so the clock holds
-    onnxruntime's own time, not our feed checks); any other engine is wrapped whole.
-    """
-    clock = EngineClock()
-    opener = getattr(pipe, "open_engines", None)
-    if opener is not None:
-        opener(components)
-    for c in components:
-        eng = pipe.engine(c)
-        session = getattr(eng, "session", None)
-        if session is not None and hasattr(session, "run"):
-            eng.session = _TimedCall(session, clock, c, ("run", "run_with_iobinding"))
-        else:
-            pipe.engines[c] = _TimedCall(eng, clock, c, ("run",))
-    return clock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,18 +49,6 @@ def instrument(pipe: Any, components: tuple[str, ...] = TIMED_COMPONENTS) -> Eng
 
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
-
-
-def repeat(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def component_feeds(pipe: Any, height: int, width: int, batch: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -198,16 +118,6 @@ def time_end_to_end(pipe: Any, clock: EngineClock, steps: int, height: int, widt
 
 # What a fresh process pays before its first image: imports, manifest, engines; then one image for
 # the peak RSS. Runs as ``python -c`` so that nothing is imported before the clock starts.
-# Child processes' own peak RSS, shared by every start-up child script (ours and the peers').
-PEAK_RSS_SNIPPET = r"""
-def peak_rss_mb():
-    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-"""
 _STARTUP_CHILD = r"""
 import json, sys, time
 """ + PEAK_RSS_SNIPPET + r"""
@@ -232,28 +142,12 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_child(code: str, args: dict, timeout: float = 600.0, env: dict | None = None) -> dict:
-    """Run ``code`` in a fresh interpreter with ``json.dumps(args)`` as argv[1]; parse its ``RESULT`` line."""
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark subprocess failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-
-
 def time_startup(bundle: str | os.PathLike, engine_options: dict, repeats: int, steps: int = 1,
                  guidance_scale: float = 7.5) -> dict[str, Any]:
-    """Start-up times (medians over ``repeats`` fresh processes, after one to warm the file cache) and peak RSS."""
+    """Start-up times (medians over ``repeats`` fresh processes) and peak RSS."""
     args = {"bundle": str(bundle), "engine_options": engine_options, "steps": steps, "prompt": PROMPT,
             "guidance_scale": guidance_scale}
-    run_child(_STARTUP_CHILD, args)  # warm the page cache: we time start-up, not the disk
-    runs = [run_child(_STARTUP_CHILD, args) for _ in range(repeats)]
-    out: dict[str, Any] = {k: _median([r[k] for r in runs]) for k in runs[0]}
-    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-    out["runs"] = runs
-    out["generate_steps"] = steps
-    return out
+    return {**startup_runs(_STARTUP_CHILD, args, repeats), "generate_steps": steps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,42 +176,15 @@ class BenchConfig:
         return opts
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, load, library versions and the date: what a figure needs beside it."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version(), "numpy": np.__version__,
-                            "ldm_runtime": __version__,
-                            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    try:
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return info
-
-
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Every measurement of ``ldm bench`` for ``cfg``; returns the JSON-able result."""
-    from .pipeline import Pipeline, files_in_use
+    from ldm_runtime.pipeline import Pipeline, files_in_use
 
     result: dict[str, Any] = {"bundle": str(cfg.bundle), "config": asdict(cfg), "machine": machine_info()}
     t0 = time.perf_counter()
     pipe = Pipeline.load(cfg.bundle, **cfg.options())
     if not cfg.negative_cache:
-        from .guidance import EmbeddingCache
+        from ldm_runtime.guidance import EmbeddingCache
 
         pipe.negative_cache = EmbeddingCache(0)
     clock = instrument(pipe)
@@ -352,85 +219,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dic
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# reports
-
-
-def _ms(s: float) -> str:
-    return f"{1e3 * s:.1f} ms" if s < 1.0 else f"{s:.2f} s"
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    """The result as markdown tables (components, end to end, start-up)."""
-    m, b = result["machine"], result["bundle_info"]
-    lines = [f"### ldm bench `{result['bundle']}`", "",
-             f"{m['cpu']}, {m['cores']} cores, load {m.get('loadavg_1m', '?')} -> {m.get('loadavg_1m_end', '?')}, "
-             f"onnxruntime {m.get('onnxruntime', '?')}, {m['date']}; bundle {b['precision']} {b['sha256']}, "
-             f"scheduler {b['scheduler']}; engine options {json.dumps(result['engine_options'])}, graphs "
-             f"{', '.join(b['graphs'])}; medians of {result['config']['repeats']} runs after "
-             f"{result['config']['warmup']} warm-up", "",
-             "| size | text encoder | U-Net step, batch 2B | U-Net step, batch B | VAE decode |", "|---|---|---|---|---|"]
-    for size, rows in result["components"].items():
-        lines.append(f"| {size} | {_ms(rows['text_encoder']['median_s'])} | {_ms(rows['unet_2B']['median_s'])} "
-                     f"(B={rows['unet_2B']['batch'] // 2}) | {_ms(rows['unet_B']['median_s'])} | "
-                     f"{_ms(rows['vae_decoder']['median_s'])} |")
-    lines += ["", "| size | steps | end to end (s/image) | inside engines | runtime overhead | per step |",
-              "|---|---|---|---|---|---|"]
-    for r in result["end_to_end"]:
-        lines.append(f"| {r['height']}x{r['width']} | {r['steps']} | {r['seconds']:.3f} | {r['engine_seconds']:.3f} | "
-                     f"{_ms(r['overhead_seconds'])} ({r['overhead_pct']:.2f}%) | {r['overhead_per_step_ms']:.3f} ms |")
-    st = result.get("startup")
-    if st:
-        lines += ["", "| import ldm_runtime | + pipeline & onnxruntime | bundle load + engines | import + load | "
-                      f"first image ({st['generate_steps']} steps) | peak RSS |", "|---|---|---|---|---|---|",
-                  f"| {_ms(st['import_ldm_runtime_s'])} | {_ms(st['import_pipeline_s'])} | {_ms(st['load_s'])} | "
-                  f"{_ms(st['import_plus_load_s'])} | {_ms(st.get('first_image_s', float('nan')))} | "
-                  f"{st['peak_rss_mb']:.0f} MiB |"]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], path: str | os.PathLike) -> str | None:
-    """Latency against steps and against resolution as a PNG; returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"no plot: matplotlib is not importable ({e}); pip install matplotlib"
-    default = "x".join(map(str, result["bundle_info"]["default_size"]))
-    e2e = result["end_to_end"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    rows = sorted((r for r in e2e if f"{r['height']}x{r['width']}" == default), key=lambda r: r["steps"])
-    a.plot([r["steps"] for r in rows], [r["seconds"] for r in rows], "o-", label="end to end")
-    a.plot([r["steps"] for r in rows], [r["engine_seconds"] for r in rows], "s--", label="inside engines")
-    a.set(xlabel="steps", ylabel="seconds per image", title=f"latency vs steps ({default})")
-    a.legend()
-    comps = result["components"]
-    px = [int(k.split("x")[0]) * int(k.split("x")[1]) for k in comps]
-    order = np.argsort(px)
-    keys = [list(comps)[i] for i in order]
-    for key, label in (("unet_2B", "U-Net step, 2B"), ("unet_B", "U-Net step, B"), ("vae_decoder", "VAE decode")):
-        b.plot([int(np.sqrt(px[i])) for i in order], [comps[k][key]["median_s"] for k in keys], "o-", label=label)
-    b.set(xlabel="image side (sqrt of pixels)", ylabel="seconds", title="latency vs resolution", yscale="log")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+def write_report(result: dict[str, Any], out: Path) -> str:
+    """Write bench.json, bench.md and bench.png into ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(result)
+    why = plot(result, out / "bench.png")
+    result["plot"] = why or str(out / "bench.png")
+    if why:
+        md += f"\n({why})\n"
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(md)
+    return md
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise _UsageError(message)
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -443,24 +246,13 @@ def _ints(s: str) -> tuple[int, ...]:
     return v
 
 
-def _sizes(s: str) -> tuple[tuple[int, int], ...]:
-    out = []
-    for part in (p.strip() for p in s.split(",") if p.strip()):
-        h, _, w = part.lower().partition("x")
-        try:
-            out.append((int(h), int(w or h)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected sizes like 256 or 256x384, comma-separated; got {part!r}") from None
-    return tuple(out)
-
-
 def parse_engine_options(items: list[str]) -> dict[str, Any]:
     """["cpu_variant=false", "threads=2", ...] -> {"cpu_variant": False, "threads": 2, ...}."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _UsageError(f"--engine-option expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--engine-option expects KEY=VALUE, got {item!r}")
         low = value.lower()
         out[key] = (True if low in ("true", "yes") else False if low in ("false", "no")
                     else int(value) if value.isdigit() else value)
@@ -468,10 +260,10 @@ def parse_engine_options(items: list[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm bench", description="Latency, overhead, start-up and memory of a bundle on the runtime.")
+    p = ArgumentParser(prog="ldm bench", description="Latency, overhead, start-up and memory of a bundle on the runtime.")
     p.add_argument("bundle")
     p.add_argument("--steps", type=_ints, default=(10, 30, 50), help="end-to-end step counts (default 10,30,50)")
-    p.add_argument("--sizes", type=_sizes, default=(), help="extra image sizes, e.g. 192,256x384 (default: the bundle's only)")
+    p.add_argument("--sizes", type=parse_sizes, default=(), help="extra image sizes, e.g. 192,256x384 (default: the bundle's only)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (medians reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each figure")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
@@ -491,15 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         if args.repeats < 1 or args.warmup < 0:
-            raise _UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+            raise UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
         parse_engine_options(args.engine_option)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"ldm bench: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    from .manifest import BundleError
-
     cfg = BenchConfig(bundle=args.bundle, steps=args.steps, sizes=args.sizes, repeats=args.repeats,
                       warmup=args.warmup, threads=args.threads, opt_level=args.opt_level,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler, startup=not args.no_startup,
@@ -511,16 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ValueError) as e:
         print(f"ldm bench: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(result)
-    why = plot(result, out / "bench.png")
-    result["plot"] = why or str(out / "bench.png")
-    if why:
-        md += f"\n({why})\n"
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench.md").write_text(md)
-    print(md)
+    print(write_report(result, Path(args.out)))
     return 0
 
 

@@ -1,0 +1,33 @@
+"""What the ``ldm`` subcommands share on the command line: one-line parse errors and image sizes.
+
+``export`` and ``training`` import this module too; it imports nothing outside the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """A bad command line: the command prints it as one line on stderr and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors raise ``UsageError`` instead of printing the usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HEIGHTxWIDTH"`` or ``"SIDE"`` (a square) in pixels -> (height, width); for ``type=``."""
+    h, _, w = text.strip().lower().partition("x")
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH in pixels or one number for a square (e.g. 512x768 or 512), got {text!r}") from None
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """Comma-separated sizes, each as ``parse_size`` reads it: ``"192,256x384"`` -> ((192, 192), (256, 384))."""
+    return tuple(parse_size(part) for part in text.split(",") if part.strip())
