@@ -35,6 +35,7 @@ import numpy as np
 from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
 from bench.report import plot, to_markdown
 from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_sizes
+from ldm_runtime.guidance import guidance_scale_embedding
 from ldm_runtime.manifest import BundleError
 from ldm_runtime.timing import EngineClock, instrument
 
@@ -57,12 +58,14 @@ def component_feeds(pipe: Any, height: int, width: int, batch: int, seed: int = 
     c, f = pipe.latent_channels, pipe.vae_scale_factor
     L, D = pipe.manifest.text_max_length, pipe.manifest.text_hidden_size
     lat = lambda b: rng.standard_normal((b, c, height // f, width // f), dtype=np.float32)  # noqa: E731
+    dim = pipe.guidance_embedding_dim  # an LCM-distilled U-Net also takes the guidance embedding
+    cond = lambda b: {} if dim is None else {"timestep_cond": guidance_scale_embedding(np.full(b, 8.0), dim)}  # noqa: E731
     return {
         "text_encoder": {"input_ids": pipe.tokenizer([PROMPT])},
         "unet_2B": {"sample": lat(2 * batch), "timestep": np.full((2 * batch,), 500.0, np.float32),
-                    "encoder_hidden_states": rng.standard_normal((2 * batch, L, D), dtype=np.float32)},
+                    "encoder_hidden_states": rng.standard_normal((2 * batch, L, D), dtype=np.float32), **cond(2 * batch)},
         "unet_B": {"sample": lat(batch), "timestep": np.full((batch,), 500.0, np.float32),
-                   "encoder_hidden_states": rng.standard_normal((batch, L, D), dtype=np.float32)},
+                   "encoder_hidden_states": rng.standard_normal((batch, L, D), dtype=np.float32), **cond(batch)},
         "vae_decoder": {"latent": lat(batch)},
     }
 

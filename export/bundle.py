@@ -1,21 +1,32 @@
 """The bundle: ONNX files + tokenizer + ``manifest.json``, built beside OUT and moved in whole.
 
-Everything is written into ``OUT.tmp-<pid>-XXXX`` next to OUT; the manifest is written last
-(and atomically), then the folder is renamed into place. An existing OUT is replaced only if it
-is a bundle (a manifest of our schema): it is renamed away, the new one renamed in, the old one
-deleted. A failed export (any exception) removes its temporary folder; one killed outright
-leaves only a ``.tmp-<pid>-`` folder without a manifest, swept by the next export to that OUT.
+Before anything is written, the source's tokenizer and scheduler config are read as the runtime
+will read them (``check_source``). Everything is written into ``OUT.tmp-<pid>-XXXX`` next to OUT;
+the manifest is written last (and atomically), then the folder is renamed into place. An
+existing OUT is replaced only if it is a bundle (a manifest of our schema): it is renamed to
+``OUT.old-<pid>-swap``, the new one renamed in, the old one deleted. A failed export (any
+exception) removes its temporary folder; one killed outright leaves only a ``.tmp-<pid>-``
+folder without a manifest, swept by the next export to that OUT.
+
+The swap holds an exclusive lock on OUT's parent folder (``flock``), so exports racing to one
+OUT replace it one after the other (the last one wins). The recovery rule for an export killed
+mid-swap: the next export to OUT, under that lock and before anything else, moves an
+``OUT.old-*-swap`` bundle back to OUT if OUT is missing (killed between the two renames), and
+deletes it otherwise (killed while deleting it). ``recover_swap(OUT)`` applies the rule alone.
+Files and folders are created as the umask says (not tempfile's private 0600/0700).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -154,22 +165,94 @@ def _tokenizer_options(config: dict, max_length: int) -> dict[str, Any]:
     return opts
 
 
+def check_source(ld, max_length: int) -> None:
+    """Refuse a source whose tokenizer or scheduler config ``ldm generate`` would refuse, before anything
+    is written: both are read here as the runtime reads them."""
+    from ldm_runtime.schedulers import make_scheduler
+    from ldm_runtime.tokenizer import CLIPTokenizer
+
+    folder = Path(ld.tokenizer_dir)
+    try:
+        tok = CLIPTokenizer(folder / "vocab.json", folder / "merges.txt",
+                            **_tokenizer_options(ld.tokenizer_config, max_length))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"the source's tokenizer in {str(folder)!r} cannot be read: {e}") from None
+    if tok.model_max_length != max_length:
+        raise ExportError(f"the source's tokenizer has model_max_length {tok.model_max_length}, but its text encoder "
+                          f"takes {max_length} tokens")
+    try:
+        make_scheduler(ld.scheduler_name, ld.scheduler_config).set_timesteps(1)
+    except ValueError as e:
+        raise ExportError(f"the source's scheduler config would be refused at generation time: {e}") from None
+
+
+@contextlib.contextmanager
+def _swap_lock(out: Path):
+    """An exclusive ``flock`` on OUT's parent folder while OUT is swapped or recovered (released on close)."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _swap_leftovers(out: Path) -> list[Path]:
+    pattern = re.compile(rf"{re.escape(out.name)}\.old-\d+-swap")
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _finish_swap(out: Path) -> Path | None:
+    """The recovery rule (see the module docstring), under ``_swap_lock``: no swap is running, so an
+    ``OUT.old-*-swap`` is a killed export's. Returns the folder restored to OUT, if any."""
+    restored = None
+    for old in _swap_leftovers(out):
+        if not out.exists() and is_bundle(old):
+            os.replace(old, out)
+            restored = old
+            log.warning("restored the bundle %s from %s, left by an export killed while replacing it", out, old.name)
+        else:
+            _discard(old)
+    return restored
+
+
+def recover_swap(out: str | os.PathLike) -> Path | None:
+    """Apply the recovery rule to ``out`` now; the folder moved back to ``out``, or None."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return None
+    with _swap_lock(out):
+        return _finish_swap(out)
+
+
+def _discard(old: Path) -> None:
+    """Delete a replaced bundle, its manifest first: a deletion cut short leaves no folder that looks whole."""
+    (old / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        check_out(out)  # still a bundle? (someone may have written there meanwhile)
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
+    with _swap_lock(out):
+        _finish_swap(out)
+        if out.exists():
+            check_out(out)  # still a bundle? (someone may have written there meanwhile)
+            old = out.with_name(f"{out.name}.old-{os.getpid()}-swap")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the old bundle back
+                raise
+            _discard(old)
+        else:
             os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / out.name, out)  # put the old bundle back
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    try:  # make the rename durable
-        fd = os.open(out.parent, os.O_RDONLY)
+        _fsync_dir(out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -207,9 +290,12 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
         models = load_models(src)
     ld = models
     dims = dims_from_models(ld)
+    check_source(ld, dims.max_length)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_swap(out)
     sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()  # 0777 less the umask, as the bundle folder will be (mkdtemp's is 0700)
     log.info("exporting %s (%s) to %s as %s, building in %s", src, ld.source_kind, out, precision, tmp.name)
     try:
         results = {}

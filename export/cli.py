@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
-from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_size
+from ldm_runtime.cliargs import ArgumentParser, UsageError, one_line, parse_size
 from ldm_runtime.manifest import COMPONENTS, BundleError
 
 
@@ -27,11 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cpu-variants", action="store_true",
                    help="fp32 only: skip the onnxruntime-CPU variants (fused attention, external weights)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """``ldm export SRC OUT [...]``; returns the exit status (0 ok, 1 failed export, 2 bad arguments)."""
+    """``ldm export SRC OUT [...]``; returns the exit status (0 ok, 1 failed export, 2 bad input).
+
+    Every failure is one line on stderr; an unexpected internal error names its type (exit 1),
+    and ``--debug`` adds its traceback.
+    """
     from training.checkpoint import CheckpointError
 
     from .bundle import ExportError, export_bundle
@@ -52,11 +58,17 @@ def export_main(argv: list[str] | None = None) -> int:
                             threshold_bytes=args.threshold_bytes if args.threshold_bytes is not None else EXTERNAL_DATA_THRESHOLD,
                             size=args.size, cpu_variants=not args.no_cpu_variants)
     except ParityError as e:
-        print(f"ldm export: parity check failed, no bundle written: {e}", file=sys.stderr)
+        print(f"ldm export: parity check failed, no bundle written: {one_line(e)}", file=sys.stderr)
         return 1
-    except (ExportError, CheckpointError, ProfileError, BundleError) as e:
-        print(f"ldm export: error: {e}", file=sys.stderr)
+    except (ExportError, CheckpointError, ProfileError, BundleError, OSError) as e:
+        print(f"ldm export: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ldm export: internal error: {type(e).__name__}: {one_line(e)}"
+              f"{'' if args.debug else ' (rerun with --debug for the traceback)'}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

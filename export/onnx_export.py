@@ -61,8 +61,10 @@ class _UNet(nn.Module):
         super().__init__()
         self.unet = m
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        # timestep_cond: the guidance embedding, an input only of LCM-distilled U-Nets (see specs.py)
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
 
 
 class _VaeDecoder(nn.Module):

@@ -339,17 +339,14 @@ def write_cpu_variant(src: str | os.PathLike, dst: str | os.PathLike, input_shap
 
 def sample_shapes(manifest: dict, component: str, height: int | None = None, width: int | None = None,
                   batch: int = 2) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes of ``component`` at the bundle's default size (or ``height`` x ``width``)."""
+    """Concrete input shapes of ``component`` at the bundle's default size (or ``height`` x ``width``):
+    its manifest inputs with the symbolic dims bound (batch ``batch`` for the U-Net, 1 for the others)."""
     h = height or manifest["default_size"]["height"]
     w = width or manifest["default_size"]["width"]
-    f, c = manifest["latent"]["vae_scale_factor"], manifest["latent"]["channels"]
-    L, D = manifest["text"]["max_length"], manifest["text"]["hidden_size"]
-    return {
-        "unet": {"sample": (batch, c, h // f, w // f), "timestep": (batch,), "encoder_hidden_states": (batch, L, D)},
-        "vae_decoder": {"latent": (1, c, h // f, w // f)},
-        "vae_encoder": {"image": (1, 3, h, w)},
-        "text_encoder": {"input_ids": (1, L)},
-    }[component]
+    f = manifest["latent"]["vae_scale_factor"]
+    bind = {"B": batch if component == "unet" else 1, "h": h // f, "w": w // f, "H": h, "W": w}
+    inputs = manifest["components"][component]["inputs"]
+    return {s["name"]: tuple(bind[d] if isinstance(d, str) else d for d in s["shape"]) for s in inputs}
 
 
 def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[str, ...] = CPU_COMPONENTS) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ldm_runtime.guidance import guidance_scale_embedding
 from ldm_runtime.manifest import COMPONENTS, TensorSpec
 
 
@@ -30,6 +31,7 @@ class ModelDims:
     max_length: int = 77
     vocab_size: int = 49408
     image_channels: int = 3
+    time_cond_proj_dim: int | None = None  # an LCM-distilled U-Net's guidance embedding width
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,15 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
         return ComponentSpec(name, (TensorSpec("input_ids", "int64", ("B", L)),),
                              (TensorSpec("last_hidden_state", f32, ("B", L, D)),))
     if name == "unet":
+        # a U-Net with a guidance embedding is never called on [uncond, cond] batches
+        cond = () if dims.time_cond_proj_dim is None else (TensorSpec("timestep_cond", f32, ("B", dims.time_cond_proj_dim)),)
         return ComponentSpec(
             name,
             (TensorSpec("sample", f32, ("B", dims.unet_in_channels, "h", "w")),
              TensorSpec("timestep", f32, ("B",)),
-             TensorSpec("encoder_hidden_states", f32, ("B", L, D))),
+             TensorSpec("encoder_hidden_states", f32, ("B", L, D)), *cond),
             (TensorSpec("out_sample", f32, ("B", dims.unet_out_channels, "h", "w")),),
-            batch_mult=2,
+            batch_mult=1 if cond else 2,
         )
     if name == "vae_decoder":
         return ComponentSpec(name, (TensorSpec("latent", f32, ("B", C, "h", "w")),),
@@ -102,6 +106,7 @@ def dims_from_models(ld) -> ModelDims:
         max_length=L,
         vocab_size=int(getattr(t, "vocab_size", 49408)),
         image_channels=int(getattr(v, "in_channels", 3)),
+        time_cond_proj_dim=getattr(u, "time_cond_proj_dim", None),
     )
 
 
@@ -110,8 +115,9 @@ def sample_inputs(spec: ComponentSpec, dims: ModelDims, batch: int, height: int,
     """Deterministic sample inputs (numpy, fp32/int64) for export tracing and parity checks.
 
     Values are drawn where each input lives in practice: latents ~ N(0, 1), images in [-1, 1],
-    timesteps spread over [0, 1000), token ids over the vocabulary with BOS first and EOS/pad
-    at the end (CLIP reads the pooled token at the argmax id, so keep the real EOS the largest).
+    timesteps spread over [0, 1000), guidance embeddings of scales in [1, 15], token ids over the
+    vocabulary with BOS first and EOS/pad at the end (CLIP reads the pooled token at the argmax id,
+    so keep the real EOS the largest).
     """
     rng = np.random.default_rng(seed)
     shapes = spec.concrete_shapes(batch, height, width, dims.vae_scale_factor)
@@ -128,6 +134,8 @@ def sample_inputs(spec: ComponentSpec, dims: ModelDims, batch: int, height: int,
             out[s.name] = np.sort(rng.uniform(0.0, 999.0, size=shape)).astype(np.float32)[::-1].copy()
         elif s.name == "image":
             out[s.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        elif s.name == "timestep_cond":  # guidance scales as LCM users pick them
+            out[s.name] = guidance_scale_embedding(rng.uniform(1.0, 15.0, size=shape[0]), shape[1])
         else:
             out[s.name] = rng.standard_normal(shape).astype(np.float32)
     return out

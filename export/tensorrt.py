@@ -118,7 +118,10 @@ def profile_shapes(component: ComponentInfo, min_size: int, max_size: int, max_b
     "h"/"w" are sizes // vae_scale_factor, "H"/"W" pixels, fixed dims stay fixed.
     """
     check_size_range(min_size, max_size, max_batch, vae_scale_factor)
-    mult = component_spec(component.name, ModelDims()).batch_mult if component.name in COMPONENTS else 1
+    # the spec decides the batch multiple; a U-Net with a guidance embedding is never run on 2B rows
+    cond = next((int(s.shape[1]) for s in component.inputs if s.name == "timestep_cond"), None)
+    dims = ModelDims(time_cond_proj_dim=cond)
+    mult = component_spec(component.name, dims).batch_mult if component.name in COMPONENTS else 1
     spec = ComponentSpec(component.name, component.inputs, component.outputs, batch_mult=mult)
     known = {"B", "h", "w", "H", "W"}
     for s in spec.inputs:

@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("training.cli", "main"),
     "generate": ("ldm_runtime.generate", "main"),
     "bench": ("bench.runtime", "main"),
+    "verify": ("ldm_runtime.verify", "main"),
 }
 
 

@@ -1,4 +1,4 @@
-"""What the ``ldm`` subcommands share on the command line: one-line parse errors and image sizes.
+"""What the ``ldm`` subcommands share on the command line: one-line errors and image sizes.
 
 ``export`` and ``training`` import this module too; it imports nothing outside the standard library.
 """
@@ -16,6 +16,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line, for a command's one-line errors (engine errors often span several)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def parse_size(text: str) -> tuple[int, int]:

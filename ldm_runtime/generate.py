@@ -3,19 +3,22 @@
 Every PNG holds a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps,
 scheduler, guidance, size, batch position, bundle hash), enough to reproduce it exactly on the
 same backend. Without ``--seed`` a seed is picked and recorded. Exit 0 and the paths on stdout;
-bad input gives one line on stderr and exit 2.
+bad input (an argument, the bundle, ``--out``) gives one line on stderr and exit 2; a failed run
+(NaN output) or an unexpected internal error one line and exit 1 (``--debug``: the traceback too).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
-from .cliargs import ArgumentParser, UsageError
+from .cliargs import ArgumentParser, UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="<= 1 disables classifier-free guidance")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the bundle's)")
+    p.add_argument("--eta", type=float, default=0.0, help="tcd's stochasticity (gamma) in [0, 1] (default 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: picked and recorded in the PNG)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the bundle's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the bundle's)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--out", default=".", help="a .png file name, or a folder (default: the current folder)")
+    p.add_argument("--out", default=".",
+                   help="a .png file name, or a folder (a name ending in / always is; default: the current folder)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
 
 
@@ -62,14 +68,33 @@ class ProgressBar:
         self.stream.flush()
 
 
-def output_paths(out: str, seed: int, n: int) -> list[Path]:
-    """``out`` ending in .png names the file (with -<i> before the suffix when n > 1); else it is a folder."""
-    p = Path(out)
-    if p.suffix.lower() == ".png":
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
-    p.mkdir(parents=True, exist_ok=True)
-    return [p / f"ldm-{seed}-{i}.png" for i in range(n)]
+class OutputPathError(ValueError):
+    """An ``--out`` that cannot be written to; found before any model runs."""
+
+
+def output_target(out: str) -> tuple[Path, bool]:
+    """``--out`` -> (path, is_folder), checked and its folder made before anything is generated.
+
+    A name ending in .png is a file, unless it ends in a slash; anything else is a folder.
+    """
+    path, is_folder = Path(out), out.endswith(("/", os.sep)) or Path(out).suffix.lower() != ".png"
+    folder = path if is_folder else path.parent
+    for p in (folder, *folder.parents):  # the nearest existing ancestor must be a folder
+        if p.exists():
+            if not p.is_dir():
+                raise OutputPathError(f"--out {out!r}: {str(p)!r} is a file, not a folder")
+            break
+    if not is_folder and path.is_dir():
+        raise OutputPathError(f"--out {out!r} is a folder; end it with '/' to write into it")
+    folder.mkdir(parents=True, exist_ok=True)
+    return path, is_folder
+
+
+def output_paths(path: Path, is_folder: bool, seed: int, n: int) -> list[Path]:
+    """The PNG names: ``ldm-<seed>-<i>.png`` in a folder; a file name as given (with -<i> before the suffix when n > 1)."""
+    if is_folder:
+        return [path / f"ldm-{seed}-{i}.png" for i in range(n)]
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,36 +106,45 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from .manifest import BundleError
-    from .pipeline import NonFiniteOutputError, Pipeline
-
-    from .images import save_png
-
     try:
-        pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device)
-        out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
-                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
-                   height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
-                   callback=ProgressBar(a.steps))
-        params = {  # what the pipeline used, defaults and a picked seed included
-            "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": out.seed, "steps": a.steps,
-            "scheduler": out.scheduler, "guidance_scale": a.guidance_scale, "guidance_rescale": a.guidance_rescale,
-            "height": out.height, "width": out.width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
-            "precision": pipe.manifest.precision, "backend": a.backend, "device": a.device,
-            "ldm_runtime": __version__,
-        }
-        paths = [save_png(image, path, {**params, "index": i})
-                 for i, (image, path) in enumerate(zip(out.images, output_paths(a.out, out.seed, len(out.images))))]
-    except (BundleError, ValueError, OSError) as e:  # bad input: a bundle, an argument, an output path
-        print(f"ldm generate: error: {e}", file=sys.stderr)
+        paths = generate(a)
+    except (ValueError, OSError) as e:  # bad input: BundleError, PipelineInputError, an --out path
+        print(f"ldm generate: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (NonFiniteOutputError, RuntimeError) as e:
-        print(f"ldm generate: failed: {e}", file=sys.stderr)
+    except Exception as e:  # RuntimeError: NonFiniteOutputError, an engine's failure; else a bug
+        if a.debug:
+            traceback.print_exc()
+        if isinstance(e, RuntimeError):
+            print(f"ldm generate: failed: {one_line(e)}", file=sys.stderr)
+        else:
+            print(f"ldm generate: internal error: {type(e).__name__}: {one_line(e)}"
+                  f"{'' if a.debug else ' (rerun with --debug for the traceback)'}", file=sys.stderr)
         return 1
     for path in paths:
         print(path)
     return 0
+
+
+def generate(a: argparse.Namespace) -> list[Path]:
+    """Check ``--out``, load the bundle, generate, save: the saved paths."""
+    from .images import save_png
+    from .pipeline import Pipeline
+
+    target, is_folder = output_target(a.out)
+    pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device)
+    out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
+               guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
+               height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
+               callback=ProgressBar(a.steps), eta=a.eta)
+    params = {  # what the pipeline used, defaults and a picked seed included
+        "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": out.seed, "steps": a.steps,
+        "scheduler": out.scheduler, "eta": a.eta, "guidance_scale": a.guidance_scale,
+        "guidance_rescale": a.guidance_rescale, "height": out.height, "width": out.width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
+        "precision": pipe.manifest.precision, "backend": a.backend, "device": a.device,
+        "ldm_runtime": __version__,
+    }
+    names = output_paths(target, is_folder, out.seed, len(out.images))
+    return [save_png(image, path, {**params, "index": i}) for i, (image, path) in enumerate(zip(out.images, names))]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ diffusers does); with ``guidance_scale <= 1`` it runs on the B conditional rows 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -21,15 +22,21 @@ ModelFn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Guidance:
-    """The guidance of one call: ``scale`` and ``rescale`` (``rescale_noise_cfg``); ``enabled`` decides on/off."""
+    """The guidance of one call: ``scale`` and ``rescale`` (``rescale_noise_cfg``); ``enabled`` decides on/off.
+
+    ``embedded``: the U-Net takes ``scale`` as an input (``guidance_scale_embedding``, LCM-distilled
+    models), so no unconditional pass runs, whatever the scale.
+    """
 
     scale: float
     rescale: float = 0.0
+    embedded: bool = False
 
     @property
     def enabled(self) -> bool:
-        """On only above 1: at 1 the unconditional term cancels, below it is disabled (as diffusers)."""
-        return self.scale > 1.0
+        """Classifier-free guidance on: only above 1 (at 1 the unconditional term cancels, below it is disabled,
+        as diffusers), and never for a U-Net that embeds the scale."""
+        return self.scale > 1.0 and not self.embedded
 
 
 def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
@@ -82,6 +89,28 @@ def cfg_denoiser(model: ModelFn, cond: np.ndarray, cfg: Guidance) -> Callable[[n
     return denoise
 
 
+def guidance_scale_embedding(guidance_scale: float | np.ndarray, dim: int) -> np.ndarray:
+    """The guidance embedding an LCM-distilled U-Net takes as ``timestep_cond`` (Luo et al. 2023,
+    "Latent Consistency Models", Sec. 4.2; diffusers' ``get_guidance_scale_embedding``).
+
+    Per row w = guidance_scale - 1 (LCM's guidance excludes the plain conditional term), scaled by
+    1000, embedded sin-then-cos with frequencies 10000^(-i / (dim/2 - 1)); zero-padded to an odd
+    ``dim``. ``guidance_scale``: a float or (B,) array -> (B, dim) float32 (B = 1 for a float).
+    """
+    if dim < 4:  # the frequencies divide by dim/2 - 1
+        raise ValueError(f"a guidance embedding needs dim >= 4, got {dim}")
+    # w in float64 before the cast: torch.tensor(guidance_scale - 1) rounds the difference, not the scale
+    w = (np.asarray(guidance_scale, dtype=np.float64).reshape(-1) - 1.0).astype(np.float32) * np.float32(1000.0)
+    half = dim // 2
+    step = np.log(np.float32(10000.0)) / np.float32(half - 1)
+    # exp in float64, rounded once: float32 np.exp is off by an ulp where torch's is not, and an ulp
+    # of a frequency times w * 1000 (thousands) shows in the sine
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(np.float32)  # (half,)
+    args = w[:, None] * freqs[None, :]  # (B, half)
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return np.pad(emb, ((0, 0), (0, dim % 2))) if dim % 2 else emb
+
+
 def negative_prompts(negative_prompt: str | list[str] | None, batch_size: int) -> list[str]:
     """One negative prompt per prompt: None -> empty prompts, a str -> repeated, a list -> checked."""
     if negative_prompt is None:
@@ -101,11 +130,14 @@ class EmbeddingCache:
 
     Negative prompts (usually the empty one) repeat across calls; caching them saves one text
     encoder run per call. Rows are stored as computed, so a cached call gives the same bytes.
+    Safe to share between threads: the map is touched under a lock, the encoder runs outside it
+    (two threads missing the same prompt at once both encode it, and store equal rows).
     """
 
     def __init__(self, maxsize: int = 32):
         self.maxsize = maxsize
         self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -113,22 +145,25 @@ class EmbeddingCache:
         return len(self._data)
 
     def clear(self) -> None:
-        self._data.clear()
+        with self._lock:
+            self._data.clear()
 
     def get(self, key: bytes) -> np.ndarray | None:
-        value = self._data.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._data.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._data.move_to_end(key)
+            return value
 
     def put(self, key: bytes, value: np.ndarray) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.maxsize:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
 
     def encode(self, ids: np.ndarray, encode_fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """(N, L) ids -> (N, L, D): cached rows reused, the others encoded in ONE ``encode_fn`` call."""

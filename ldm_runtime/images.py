@@ -1,12 +1,15 @@
 """Image conversions at the pipeline's edges, and PNGs that carry their generation parameters."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .manifest import atomic_write_bytes
 
 PARAMETERS_KEY = "parameters"  # PNG tEXt/iTXt key holding the generation parameters as JSON
 
@@ -80,10 +83,11 @@ def save_png(image: Any, path: str | os.PathLike, parameters: dict | None = None
     if parameters is not None:
         info.add_itxt(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
     path = Path(path)
-    # write beside, then rename: a crash never leaves a truncated PNG under the final name
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    # a unique name beside, then rename: a crash never leaves a truncated PNG under the final name,
+    # and two processes saving to one path never share a temporary file (the last rename wins)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

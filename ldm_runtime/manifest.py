@@ -2,7 +2,9 @@
 
 A bundle is a folder with ``manifest.json`` at its root and the files it names. The manifest is
 written last (and atomically) by ``export``; a folder without one is not a bundle. The schema is
-versioned: the runtime refuses versions it does not know.
+versioned: the runtime refuses versions it does not know. Each version's JSON Schema ships in the
+package as ``ldm_runtime/schema/manifest-v<N>.json`` (draft-07, for readers in any language);
+``Manifest.load`` validates against it, then checks what a schema cannot (``check_manifest``).
 
 Schema (version 1)::
 
@@ -40,11 +42,17 @@ Symbolic dimensions are strings; fixed ones are ints. Older bundles may carry a 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
+import stat
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +77,65 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def contained_path(root: str | os.PathLike, rel: Any, field: str) -> Path:
+    """``root / rel``, refused with a ``BundleError`` naming ``field`` unless it stays inside ``root``."""
+    why = _path_problem(rel)
+    if why is None:
+        base = Path(root).resolve()
+        resolved = (base / rel).resolve()
+        if resolved.is_relative_to(base):
+            return resolved
+        why = "it leads out of the bundle through a symlink"
+    raise BundleError(f"{root}: manifest field {field} = {_shown(rel)}: expected a relative path inside the "
+                      f"bundle; {why}")
+
+
+def _path_problem(rel: Any) -> str | None:
+    if not isinstance(rel, str):
+        return f"got {_kind(rel)}"
+    if not rel:
+        return "it is empty"
+    if "\0" in rel:
+        return "it contains a NUL byte"
+    if os.path.isabs(rel):
+        return "it is absolute"
+    if ".." in Path(rel).parts:
+        return "it contains '..'"
+    return None
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_size(p: Path, rec: dict, size: int) -> None:
+    if size != rec["bytes"]:
+        raise BundleError(f"{p}: size mismatch: manifest says {rec['bytes']} bytes, file has {size}")
+
+
+def _check_digest(p: Path, rec: dict, digest: str) -> None:
+    if digest != rec["sha256"]:
+        raise BundleError(f"{p}: sha256 mismatch: the file differs from the manifest's files entry")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename over ``path``.
+
+    The temporary name is unique (concurrent writers of one ``path`` never share it; the last
+    rename wins) and the file is created 0666 less the umask, as ``open()`` would (mkstemp's is 0600).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -143,45 +206,76 @@ class Manifest:
             raise BundleError(f"bundle {str(root)!r} is not a folder")
         if not path.is_file():
             raise BundleError(f"{str(root)!r} is not a bundle: it has no {MANIFEST_NAME}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise BundleError(f"{path}: expected schema {SCHEMA!r}, got {data.get('schema') if isinstance(data, dict) else type(data).__name__!r}")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{path}: unknown manifest schema_version {version!r}; this ldm_runtime reads version {SCHEMA_VERSION}"
-            )
-        for key in ("files", "components", "latent", "tokenizer", "scheduler", "default_size", "text"):
-            if key not in data:
-                raise BundleError(f"{path}: missing required key {key!r}")
+        contained_path(root, MANIFEST_NAME, field="(the manifest file itself)")  # not a symlink out
+        data = read_manifest(path)
+        check_manifest(data, path)
         m = cls(root=root, data=data)
         if verify:
             m.verify_files()
         return m
 
     def verify_files(self, names: list[str] | None = None) -> None:
-        """Check that every listed file exists with its recorded size and sha256."""
+        """Check that every listed file (or each of ``names``) lies inside the bundle with its recorded
+        size and sha256. A name ``files`` does not list fails: nothing unrecorded is trusted."""
+        for rel in names if names is not None else list(self.data["files"]):
+            with self._open_listed(rel, f"files[{rel!r}]") as (f, rec, p):
+                h = hashlib.sha256()
+                while block := f.read(1 << 20):
+                    h.update(block)
+                _check_digest(p, rec, h.hexdigest())
+
+    def read_verified(self, rel: str, field: str) -> bytes:
+        """The bytes of bundle file ``rel`` (named by manifest ``field``), checked against ``files``.
+
+        The check runs on the bytes returned, so what the caller uses is what was verified, even if
+        the file on disk changes afterwards.
+        """
+        with self._open_listed(rel, field) as (f, rec, p):
+            data = f.read(rec["bytes"] + 1)
+        _check_size(p, rec, len(data))
+        _check_digest(p, rec, hashlib.sha256(data).hexdigest())
+        return data
+
+    def file_record(self, rel: str) -> dict:
+        """``files[rel]``: its ``sha256`` and ``bytes``; a file without both is refused."""
         files = self.data["files"]
-        for rel in names if names is not None else list(files):
-            rec = files.get(rel)
-            if rec is None:
-                raise BundleError(f"{self.root}: file {rel!r} is not listed in the manifest")
-            p = self.root / rel
-            if not p.is_file():
-                raise BundleError(f"{self.root}: missing file {rel!r} named in the manifest")
-            size = p.stat().st_size
-            if "bytes" in rec and size != rec["bytes"]:
-                raise BundleError(f"{p}: size mismatch: manifest says {rec['bytes']} bytes, file has {size}")
-            digest = sha256_file(p)
-            if digest != rec["sha256"]:
-                raise BundleError(f"{p}: sha256 mismatch: manifest says {rec['sha256'][:16]}..., file is {digest[:16]}...")
+        rec = files.get(rel) if isinstance(files, dict) else None
+        if rec is None:
+            raise BundleError(f"{self.root}: file {rel!r} is not listed in the manifest's files "
+                              "(every file the runtime reads needs its sha256 and bytes there)")
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _is_count(rec.get("bytes"))):
+            raise BundleError(f"{self.root}: manifest field files[{rel!r}]: expected {{\"sha256\": hex string, "
+                              f"\"bytes\": int >= 0}}, got {_shown(rec)}")
+        return rec
+
+    @contextlib.contextmanager
+    def _open_listed(self, rel: str, field: str):
+        """(file, its ``files`` record, path) of a listed regular file inside the bundle whose size matches;
+        opened without blocking (a FIFO is refused, not waited on) and without following a symlink put in
+        place of the checked path since."""
+        p = self.path(rel, field=field)
+        rec = self.file_record(rel)
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise BundleError(f"{self.root}: missing file {rel!r} named in the manifest ({field})") from None
+        except OSError as e:
+            raise BundleError(f"{self.root}: cannot open {rel!r} ({field}): {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{self.root}: {rel!r} ({field}) is not a regular file")
+            _check_size(p, rec, st.st_size)
+            yield f, rec, p
 
     # -- accessors -------------------------------------------------------------------------
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def path(self, rel: str, field: str = "path") -> Path:
+        """Bundle file ``rel`` as named by the manifest's ``field`` (a JSON path, for the error).
+
+        The one containment check every opener goes through: ``rel`` must be a non-empty relative
+        path without ``..`` or NUL whose resolved location (symlinks followed) stays in the bundle.
+        """
+        return contained_path(self.root, rel, field)
 
     @property
     def precision(self) -> str:
@@ -267,3 +361,191 @@ def record_file(manifest: dict, root: str | os.PathLike, rel: str) -> dict:
     rec = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest["files"][rel] = rec
     return rec
+
+
+# -- reading and checking a manifest -----------------------------------------------------------
+# The structure is the JSON Schema ldm_runtime/schema/manifest-v<schema_version>.json (for other
+# languages too); what a schema cannot say (finite numbers, float32 range, shapes that agree with
+# ``latent`` and ``text``, a scheduler config the runtime can honour) is checked here after it.
+
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is kilobytes: refuse a huge file before parsing it
+MAX_DEPTH = 32  # JSON nesting; the schema's deepest path is 6 levels
+# manifest fields that the declared tensor shapes repeat: (field, component, "inputs" | "outputs", tensor, axis)
+AGREEING_DIMS = (
+    ("latent.channels", "unet", "inputs", "sample", 1),
+    ("latent.channels", "unet", "outputs", "out_sample", 1),
+    ("latent.channels", "vae_decoder", "inputs", "latent", 1),
+    ("latent.channels", "vae_encoder", "outputs", "mean", 1),
+    ("latent.channels", "vae_encoder", "outputs", "logvar", 1),
+    ("text.max_length", "text_encoder", "inputs", "input_ids", 1),
+    ("text.max_length", "unet", "inputs", "encoder_hidden_states", 1),
+    ("text.hidden_size", "text_encoder", "outputs", "last_hidden_state", 2),
+    ("text.hidden_size", "unet", "inputs", "encoder_hidden_states", 2),
+)
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./-]{1,200}")
+
+
+def schema_file(version: int = SCHEMA_VERSION):
+    """The JSON Schema of manifest ``version``, shipped in the package (``importlib.resources``)."""
+    return resources.files("ldm_runtime") / "schema" / f"manifest-v{version}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _validator(version: int):
+    import fastjsonschema
+
+    return fastjsonschema.compile(json.loads(schema_file(version).read_text(encoding="utf-8")))
+
+
+def read_manifest(path: Path) -> dict:
+    """``path`` parsed: a UTF-8 JSON object of our schema and a version this runtime reads, or a ``BundleError``."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a few kilobytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); a manifest is UTF-8 JSON") from None
+    except RecursionError:
+        raise BundleError(f"{path}: JSON nested too deeply to read; a manifest nests {MAX_DEPTH} levels at most") from None
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to convert
+        raise BundleError(f"{path}: not valid JSON ({_shown(str(e))[1:-1]})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else f"a JSON {_kind(data)}"
+        raise BundleError(f"{path}: expected a manifest of schema {SCHEMA!r}, got {_shown(got)}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise BundleError(f"{path}: unknown manifest schema_version {_shown(version)}; "
+                          f"this ldm_runtime reads version {SCHEMA_VERSION}")
+    return data
+
+
+def check_manifest(data: dict, where: str | os.PathLike = MANIFEST_NAME) -> None:
+    """Raise a ``BundleError`` naming the JSON path of the first problem in manifest ``data``."""
+    _check_plain_json(data, where)
+    _check_schema(data, where)
+    _check_latent(data, where)
+    _check_agreeing_dims(data, where)
+    _check_scheduler(data["scheduler"], where)
+
+
+def _field_error(where: Any, path: str, problem: str) -> BundleError:
+    return BundleError(f"{where}: manifest field {path or '(top level)'}: {problem}")
+
+
+def _check_plain_json(data: Any, where: Any) -> None:
+    """Finite numbers (JSON has no NaN or Infinity), valid Unicode, bounded nesting; iterative."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _field_error(where, path, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _field_error(where, path, f"expected a finite number, got {value} (not valid JSON)")
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise _field_error(where, path, "expected valid Unicode text, got a lone surrogate")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise _field_error(where, path, "expected valid Unicode keys, got one with a lone surrogate")
+                stack.append((item, f"{path}.{_key(key)}" if path else _key(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _key(key: str) -> str:
+    return key if _PLAIN_KEY.fullmatch(key) else json.dumps(key[:60])
+
+
+def _check_schema(data: dict, where: Any) -> None:
+    import fastjsonschema
+
+    try:
+        _validator(data["schema_version"])(data)
+    except fastjsonschema.JsonSchemaValueException as e:
+        path = e.name[len("data."):] if e.name.startswith("data.") else e.name.replace("data", "", 1)
+        problem = e.message[len(e.name):].strip()
+        if e.rule in ("oneOf", "anyOf"):
+            problem = "must be one of: " + " | ".join(_describe(d) for d in e.rule_definition)
+        if e.rule == "propertyNames":
+            problem = f"keys must be {_describe(e.rule_definition)}; got {_shown(_bad_names(e.value, e.rule_definition))}"
+        if e.rule not in ("required", "additionalProperties", "propertyNames"):
+            problem += f", got {_shown(e.value)}"
+        raise _field_error(where, path, problem) from None
+
+
+def _bad_names(obj: dict, definition: dict) -> list[str]:
+    """The keys of ``obj`` that a ``propertyNames`` definition (an enum or a pattern) refuses."""
+    if "enum" in definition:
+        return [k for k in obj if k not in definition["enum"]]
+    pattern = re.compile(definition.get("pattern", ""))
+    return [k for k in obj if not pattern.search(k) or len(k) > definition.get("maxLength", len(k))]
+
+
+def _describe(definition: dict) -> str:
+    """A schema alternative in a few words: "integer >= 1", "string matching ^...$", "one of [...]"."""
+    if "enum" in definition:
+        return f"one of {definition['enum']}"
+    words = [str(definition.get("description") or definition.get("type", "value"))]
+    if "minimum" in definition:
+        words.append(f">= {definition['minimum']}")
+    if "pattern" in definition:
+        words.append(f"matching {definition['pattern']}")
+    return " ".join(words)
+
+
+def _check_latent(data: dict, where: Any) -> None:
+    """Factors the runtime uses in float32 must be finite there; the default size a multiple of the VAE factor."""
+    import numpy as np
+
+    tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    latent = data["latent"]
+    for key, positive in (("scaling_factor", True), ("shift_factor", False)):
+        value = latent.get(key)
+        if value is None:
+            continue
+        if abs(value) > big or (positive and value < tiny):
+            raise _field_error(where, f"latent.{key}", f"expected a float32 number{' > 0' if positive else ''} "
+                               f"(magnitude {tiny:.3g} to {big:.3g}), got {_shown(value)}")
+    f = latent["vae_scale_factor"]
+    for key in ("height", "width"):
+        if data["default_size"][key] % f:
+            raise _field_error(where, f"default_size.{key}", f"expected a multiple of latent.vae_scale_factor {f}, "
+                               f"got {data['default_size'][key]}")
+
+
+def _check_agreeing_dims(data: dict, where: Any) -> None:
+    """Fixed tensor dimensions that repeat a ``latent`` or ``text`` field must equal it (AGREEING_DIMS)."""
+    for field_path, component, kind, tensor, axis in AGREEING_DIMS:
+        section, key = field_path.split(".")
+        want = data[section][key]
+        specs = data["components"].get(component, {}).get(kind, [])
+        for i, spec in enumerate(specs):
+            if spec["name"] != tensor or len(spec["shape"]) <= axis or isinstance(spec["shape"][axis], str):
+                continue
+            if spec["shape"][axis] != want:
+                raise _field_error(where, f"components.{component}.{kind}[{i}].shape[{axis}]",
+                                   f"{tensor!r} has {spec['shape'][axis]} there, but {field_path} is {want}; "
+                                   "they must agree")
+
+
+def _check_scheduler(entry: dict, where: Any) -> None:
+    """The bundle's scheduler: a name this runtime has, and a config it can honour (checked by building it)."""
+    from . import schedulers
+
+    name, config = entry["name"], entry["config"]
+    if name not in schedulers.SCHEDULERS:
+        raise _field_error(where, "scheduler.name", f"expected one of {', '.join(schedulers.SCHEDULERS)}, "
+                           f"got {_shown(name)}")
+    for key, value in config.items():
+        if key in schedulers.SchedulerConfig.__dataclass_fields__:
+            try:
+                schedulers._check_value(key, value)
+            except ValueError as e:
+                raise _field_error(where, f"scheduler.config.{_key(key)}", str(e)[:300]) from None
+    try:
+        schedulers.make_scheduler(name, config).set_timesteps(1)
+    except ValueError as e:
+        raise _field_error(where, "scheduler.config", str(e)[:300]) from None

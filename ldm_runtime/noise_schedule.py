@@ -140,3 +140,35 @@ def log_snr(sigma: np.floating) -> np.floating:
     alpha_t, sigma_t = alpha_sigma_from_sigma(sigma)
     with np.errstate(divide="ignore"):
         return np.log(alpha_t) - np.log(sigma_t)
+
+
+def consistency_timesteps(
+    num_steps: int,
+    num_train_timesteps: int,
+    original_steps: int,
+    strength: float = 1.0,
+    *,
+    every_timestep: bool = False,
+) -> np.ndarray:
+    """Descending int64 timesteps of the consistency samplers (LCM, Luo et al. 2023; TCD), as diffusers lays them out.
+
+    The distillation grid is original_steps evenly spaced training timesteps k - 1, 2k - 1, ...
+    (k = T // original_steps), or every training timestep when ``every_timestep``; img2img keeps
+    its first int(len * strength); num_steps of those are taken evenly by index from the top.
+    ValueError when num_steps exceeds original_steps or what the grid keeps.
+    """
+    T = num_train_timesteps
+    if original_steps > T:
+        raise ValueError(f"original_inference_steps={original_steps} is more than num_train_timesteps={T}")
+    if every_timestep:
+        origin = np.arange(int(T * strength), dtype=np.int64)
+    else:
+        origin = np.arange(1, int(original_steps * strength) + 1, dtype=np.int64) * (T // original_steps) - 1
+    if num_steps > original_steps:
+        raise ValueError(f"num_inference_steps={num_steps} is more than original_inference_steps={original_steps}: "
+                         f"the steps are a subset of the {original_steps}-step distillation schedule")
+    if num_steps > len(origin):
+        raise ValueError(f"num_inference_steps={num_steps} is more than the {len(origin)} timesteps that strength "
+                         f"{strength} keeps of the distillation schedule; lower the steps or raise strength")
+    index = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+    return np.ascontiguousarray(origin[::-1][index])

@@ -12,12 +12,13 @@ import logging
 import numbers
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from . import guidance
+from . import guidance, memory
 from .backends import BACKENDS, Engine, engine_options, load_engine
 from .images import postprocess, preprocess
 from .manifest import BundleError, Manifest
@@ -26,6 +27,7 @@ from .tokenizer import CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 Callback = Callable[[int, Any, np.ndarray], None]
 
 
@@ -64,7 +66,7 @@ class BasePipeline:
     required_components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
 
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu",
-                 options: Any = None, negative_cache_size: int = 32):
+                 options: Any = None, negative_cache_size: int = 32, memory_budget_bytes: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         missing = [c for c in self.required_components if not manifest.has(c)]
@@ -75,8 +77,9 @@ class BasePipeline:
         self.backend, self.device = backend, device
         self.options = engine_options(backend, options)  # OrtOptions on onnxruntime; see backends.engine_options
         self.engines: dict[str, Engine] = {}  # opened lazily; tests and tools may swap in wrappers
+        self._engine_lock = threading.Lock()  # held while engines open (see open_engines)
         self._input_dtypes: dict[str, tuple[Engine, dict[str, np.dtype]]] = {}  # component -> (engine, input dtypes)
-        self.tokenizer = CLIPTokenizer.from_manifest_entry(manifest.root, manifest.tokenizer)
+        self.tokenizer = load_tokenizer(manifest)
         # the scheduler the bundle was exported with; callers may replace name or config, as
         # diffusers users assign pipe.scheduler
         self.scheduler_name: str = manifest.scheduler_name
@@ -86,52 +89,67 @@ class BasePipeline:
         self.scaling_factor = manifest.scaling_factor
         self.shift_factor = manifest.shift_factor
         self.negative_cache = guidance.EmbeddingCache(negative_cache_size)
+        self.guidance_embedding_dim = guidance_embedding_dim(manifest)  # None: a U-Net guided by CFG
+        # bounds (ldm_runtime/memory.py): a call whose estimate exceeds the budget is refused before any
+        # model runs; engines see at most max_engine_batch images per run (fewer when the budget says so)
+        if memory_budget_bytes is not None and (not _is_int(memory_budget_bytes) or memory_budget_bytes < 1):
+            raise ValueError(f"memory_budget_bytes must be None or an int >= 1, got {memory_budget_bytes!r}")
+        self.memory_budget_bytes: int = memory.default_budget() if memory_budget_bytes is None else memory_budget_bytes
+        self.max_engine_batch: int = memory.max_engine_batch(manifest, backend)
+        self.model_dims = memory.ModelDims.from_manifest(manifest, backend, device,
+                                                         bool(getattr(self.options, "cpu_variant", False)))
         if self.tokenizer.model_max_length != manifest.text_max_length:
             raise BundleError(f"{manifest.root}: tokenizer model_max_length {self.tokenizer.model_max_length} "
                               f"differs from text.max_length {manifest.text_max_length}")
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-             options: Any = None, **option_overrides: Any):
+             options: Any = None, memory_budget_bytes: int | None = None, **option_overrides: Any):
         """Read ``bundle``'s manifest and verify (size, sha256) every file this pipeline can read.
 
         Engines open on first use with ``options`` (onnxruntime: an ``OrtOptions``); keywords such
-        as ``threads=1`` or ``cpu_variant=False`` override single fields of it.
+        as ``threads=1`` or ``cpu_variant=False`` override single fields of it. An engine checks the
+        bytes it opens again then, so a file changed after the load is refused, never run.
+        ``memory_budget_bytes`` bounds what one call may need (see ``memory``; default: 75% of
+        the memory available now), also settable later as ``pipe.memory_budget_bytes``.
         """
         options = engine_options(backend, options, **option_overrides)
         manifest = Manifest.load(bundle, verify=False)
         cpu_variant = backend == "onnxruntime" and options.cpu_variant
         verify_files(manifest, files_in_use(manifest, cls.required_components, backend, device, cpu_variant))
-        return cls(manifest, backend=backend, device=device, options=options)
+        return cls(manifest, backend=backend, device=device, options=options, memory_budget_bytes=memory_budget_bytes)
 
     # -- engines -------------------------------------------------------------------------------
     def engine(self, component: str) -> Engine:
         """The engine of ``component``, opened on first use."""
         eng = self.engines.get(component)
         if eng is None:
-            logger.info("opening %s on %s/%s", component, self.backend, self.device)
-            eng = load_engine(self.manifest, component, self.backend, self.device, self.options)
-            self.engines[component] = eng
+            self.open_engines((component,))
+            eng = self.engines[component]
         return eng
 
     def open_engines(self, components: tuple[str, ...] | None = None) -> None:
         """Open ``components`` (default: ``required_components``) that are not open yet, now.
 
-        On onnxruntime the sessions are created concurrently: session creation releases the GIL.
+        Under a lock, so threads sharing a fresh pipeline open each engine once; on onnxruntime
+        the sessions are created concurrently (session creation releases the GIL).
         """
-        todo = [c for c in (components or self.required_components) if c not in self.engines]
-        if len(todo) < 2 or self.backend != "onnxruntime":
-            for c in todo:
-                self.engine(c)
-            return
-        from concurrent.futures import ThreadPoolExecutor
+        with self._engine_lock:
+            todo = [c for c in (components or self.required_components) if c not in self.engines]
+            if not todo:
+                return
+            logger.info("opening %s on %s/%s", ", ".join(todo), self.backend, self.device)
+            if len(todo) < 2 or self.backend != "onnxruntime":
+                opened = [self._load_engine(c) for c in todo]
+            else:
+                from concurrent.futures import ThreadPoolExecutor
 
-        logger.info("opening %s on %s/%s", ", ".join(todo), self.backend, self.device)
-        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            opened = list(pool.map(lambda c: load_engine(self.manifest, c, self.backend, self.device, self.options),
-                                   todo))
-        for c, eng in zip(todo, opened):
-            self.engines.setdefault(c, eng)
+                with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                    opened = list(pool.map(self._load_engine, todo))
+            self.engines.update(zip(todo, opened))
+
+    def _load_engine(self, component: str) -> Engine:
+        return load_engine(self.manifest, component, self.backend, self.device, self.options)
 
     def cast_feeds(self, component: str, feeds: dict[str, Any]) -> dict[str, Any]:
         """Feeds as contiguous arrays of ``component``'s declared input dtypes: the one place they are cast
@@ -156,10 +174,22 @@ class BasePipeline:
                     raise NonFiniteOutputError(
                         f"{component} output {name!r} has {n_nan} NaN and {n_inf} Inf values of {v.size}"
                         f"{' at ' + where if where else ''} (bundle precision {self.manifest.precision}, "
-                        f"backend {self.backend}); fp16 overflow is the usual cause: try an fp32 bundle")
+                        f"backend {self.backend}); {self._nonfinite_cause()}")
                 v = v.astype(np.float32, copy=False)
             result[name] = v
         return result
+
+    def _nonfinite_cause(self) -> str:
+        """The likely cause of a NaN or Inf model output, for ``NonFiniteOutputError``."""
+        if self.manifest.precision == "fp16":
+            return "fp16 overflow is the usual cause: try an fp32 bundle"
+        settings = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                    **{f"scheduler config {k}": v for k, v in self.scheduler_config.items() if isinstance(v, float)}}
+        bad = [f"{k}={v!r}" for k, v in settings.items() if not np.isfinite(v)]
+        if bad:
+            return f"the likely cause is a non-finite config value: {', '.join(bad)}"
+        return ("on an fp32 bundle the likely cause is an extreme input (latents, an image) or non-finite "
+                "weights in the exported model, not fp16 overflow")
 
     def engine_shapes(self, num_prompts: int, batch_size: int, height: int, width: int, guided: bool,
                       num_images: int = 1) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -168,9 +198,12 @@ class BasePipeline:
         h, w, c = height // f, width // f, self.latent_channels
         bu = 2 * batch_size if guided else batch_size
         hidden = self.manifest.text_hidden_size
+        unet = {"sample": (bu, c, h, w), "timestep": (bu,), "encoder_hidden_states": (bu, L, hidden)}
+        if self.guidance_embedding_dim is not None:
+            unet["timestep_cond"] = (bu, self.guidance_embedding_dim)
         return {
             "text_encoder": {"input_ids": (num_prompts, L)},
-            "unet": {"sample": (bu, c, h, w), "timestep": (bu,), "encoder_hidden_states": (bu, L, hidden)},
+            "unet": unet,
             "vae_decoder": {"latent": (batch_size, c, h, w)},
             "vae_encoder": {"image": (num_images, 3, height, width)},
         }
@@ -197,22 +230,26 @@ class BasePipeline:
         return to_device(arr) if to_device is not None else arr
 
     # -- helpers (diffusers' names) ------------------------------------------------------------
-    def _text_embeddings(self, ids: np.ndarray) -> np.ndarray:
-        """(N, L) int64 -> (N, L, D) float32 through the text encoder."""
-        return self.run_engine("text_encoder", {"input_ids": ids}, where="encode_prompt")["last_hidden_state"]
+    def _text_embeddings(self, ids: np.ndarray, engine_batch: int | None = None) -> np.ndarray:
+        """(N, L) int64 -> (N, L, D) float32 through the text encoder, ``engine_batch`` rows per run (None: all)."""
+        return _cat([self.run_engine("text_encoder", {"input_ids": ids[rows]}, where="encode_prompt")["last_hidden_state"]
+                     for rows in _row_slices(len(ids), engine_batch)])
 
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1,
-                      negative_prompts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                      negative_prompts: list[str] | None = None,
+                      engine_batch: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Prompts -> (prompt_embeds, negative_prompt_embeds or None), each (B * n, L, D).
 
         ``negative_prompts``: one per prompt (``guidance.negative_prompts``), or None without
         guidance. Rows are repeated per image: prompt 0 n times, then prompt 1, ... (as diffusers).
-        Negative embeddings come through ``negative_cache``.
+        Negative embeddings come through ``negative_cache``. The text encoder sees at most
+        ``engine_batch`` prompts per run (None: all at once).
         """
-        embeds = np.repeat(self._text_embeddings(self.tokenizer(prompts)), num_images_per_prompt, axis=0)
+        embeds = np.repeat(self._text_embeddings(self.tokenizer(prompts), engine_batch), num_images_per_prompt, axis=0)
         if negative_prompts is None:
             return embeds, None
-        negative = self.negative_cache.encode(self.tokenizer(negative_prompts), self._text_embeddings)
+        negative = self.negative_cache.encode(self.tokenizer(negative_prompts),
+                                              lambda ids: self._text_embeddings(ids, engine_batch))
         return embeds, np.repeat(negative, num_images_per_prompt, axis=0)
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -226,37 +263,75 @@ class BasePipeline:
             latents = rng.standard_normal(self.latent_shape(batch_size, height, width), dtype=np.float32)
         return latents * np.float32(init_noise_sigma)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents (B, C, h, w) -> image (B, 3, H, W) in about [-1, 1]."""
+    def decode_latents(self, latents: np.ndarray, engine_batch: int | None = None) -> np.ndarray:
+        """Scaled latents (B, C, h, w) -> image (B, 3, H, W) in about [-1, 1], ``engine_batch`` rows per run."""
         z = latents / np.float32(self.scaling_factor)
         if self.shift_factor:
             z = z + np.float32(self.shift_factor)
-        return self.run_engine("vae_decoder", {"latent": z}, where="decode")["image"]
+        image = _cat([self.run_engine("vae_decoder", {"latent": z[rows]}, where="decode")["image"]
+                      for rows in _row_slices(len(z), engine_batch)])
+        self.check_vae_factor("vae_decoder", image.shape[2:], latents.shape[2:])
+        return image
 
-    def _unet(self, x: np.ndarray, t: Any, cond: np.ndarray, step: int) -> np.ndarray:
-        timestep = np.full((x.shape[0],), t, dtype=np.float32)
-        feeds = {"sample": x, "timestep": timestep, "encoder_hidden_states": cond}
-        return self.run_engine("unet", feeds, where=f"step {step} (timestep {t})")["out_sample"]
+    def check_vae_factor(self, component: str, pixels: tuple[int, ...], latent: tuple[int, ...]) -> None:
+        """The VAE's real spatial factor (image size / latent size) must be the manifest's: a wrong
+        ``latent.vae_scale_factor`` would otherwise give images of the wrong size without a word."""
+        f = self.vae_scale_factor
+        if tuple(pixels) != tuple(n * f for n in latent):
+            raise BundleError(f"{self.manifest.root}: manifest field latent.vae_scale_factor is {f}, but {component} "
+                              f"maps latents {list(latent)} to pixels {list(pixels)}")
+
+    def _unet(self, x: np.ndarray, t: Any, conds: list[tuple[slice, dict[str, Any]]], step: int) -> np.ndarray:
+        """One U-Net pass over the rows of ``x``, one run per (rows, their constant feeds) in ``conds``."""
+        outs = []
+        for rows, cond in conds:
+            xs = x[rows]
+            feeds = {"sample": xs, "timestep": np.full((len(xs),), t, dtype=np.float32), **cond}
+            outs.append(self.run_engine("unet", feeds, where=f"step {step} (timestep {t})")["out_sample"])
+        return _cat(outs)
+
+    def _constant_unet_feeds(self, embeds: np.ndarray, cfg: guidance.Guidance) -> dict[str, Any]:
+        """The U-Net feeds of these rows that no step changes, on the engine: the text embeddings and, for
+        a U-Net that embeds the guidance scale, its ``timestep_cond``."""
+        feeds = {"encoder_hidden_states": self.to_engine("unet", "encoder_hidden_states", embeds)}
+        if cfg.embedded:
+            w = guidance.guidance_scale_embedding(np.full(len(embeds), cfg.scale), self.guidance_embedding_dim)
+            feeds["timestep_cond"] = self.to_engine("unet", "timestep_cond", w)
+        return feeds
 
     def denoise(self, latents: np.ndarray, timesteps: np.ndarray, sched: Any, embeds: np.ndarray,
                 cfg: guidance.Guidance, rng: np.random.Generator,
-                callback: Callback | None = None) -> np.ndarray:
-        """The sampling loop: scale input, one (guided) U-Net call, scheduler step; returns z_0."""
+                callback: Callback | None = None, engine_batch: int | None = None,
+                step_kwargs: dict[str, Any] | None = None) -> np.ndarray:
+        """The sampling loop: scale input, one (guided) U-Net pass, scheduler step; returns z_0.
+
+        A pass runs the U-Net on at most ``engine_batch`` images (2x rows with guidance) at a time
+        (None: all); the scheduler steps the whole batch, so its noise draws do not depend on the split.
+        ``step_kwargs`` go to every scheduler step (``scheduler_step_kwargs``: tcd's eta).
+        """
         user_steps = sched.user_steps  # the callback ticks once per inference step, not per warm-up call
-        embeds = self.to_engine("unet", "encoder_hidden_states", embeds)  # the same for every step
+        rows = None if engine_batch is None else engine_batch * (2 if cfg.enabled else 1)
+        # the embeddings are the same for every step: cast (and placed on the device) once per engine batch
+        conds = [(r, self._constant_unet_feeds(embeds[r], cfg)) for r in _row_slices(len(embeds), rows)]
         step = [0]  # the model function reads the step index for its error messages
-        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, c, step[0]), embeds, cfg)
+        # cfg_denoiser hands its cond on to the model function; _unet takes the per-batch conds instead
+        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, conds, step[0]), embeds, cfg)
         tick = 0
         for i, t in enumerate(timesteps):
             step[0] = i
             noise_pred = denoise(sched.scale_model_input(latents, t), t)
-            latents = np.asarray(sched.step(noise_pred, t, latents, generator=rng), dtype=np.float32)
+            latents = np.asarray(sched.step(noise_pred, t, latents, generator=rng, **(step_kwargs or {})),
+                                 dtype=np.float32)
             if callback is not None and user_steps[i]:
                 callback(tick, t, latents)
                 tick += 1
         return latents
 
     # -- input checks and the scheduler (all before any model runs) ----------------------------
+    def call_guidance(self, guidance_scale: float, guidance_rescale: float = 0.0) -> guidance.Guidance:
+        """The call's guidance: classifier-free, or (a U-Net with ``timestep_cond``) embedded, never unconditional."""
+        return guidance.Guidance(guidance_scale, guidance_rescale, embedded=self.guidance_embedding_dim is not None)
+
     def _check_common(self, *, prompt: Any, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                       guidance_rescale: Any, num_images_per_prompt: Any, seed: Any, output_type: Any,
                       callback: Any) -> tuple[list[str], list[str]]:
@@ -266,14 +341,20 @@ class BasePipeline:
             negatives = guidance.negative_prompts(negative_prompt, len(prompts))
         except (TypeError, ValueError) as e:
             raise PipelineInputError(str(e)) from None
+        _check_encodable(prompts, "prompt")
+        _check_encodable(negatives, "negative_prompt")
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise PipelineInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise PipelineInputError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(float(guidance_scale)):
-            raise PipelineInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(guidance_scale, numbers.Real) or not abs(float(guidance_scale)) <= FLOAT32_MAX:
+            raise PipelineInputError(f"guidance_scale must be a finite number within float32's range "
+                                     f"(|s| <= {FLOAT32_MAX:.3g}; the U-Net's outputs are scaled by it), "
+                                     f"got {guidance_scale!r}")
         if not isinstance(guidance_rescale, numbers.Real) or not 0.0 <= float(guidance_rescale) <= 1.0:
             raise PipelineInputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if self.guidance_embedding_dim is not None:
+            self._check_embedded_guidance(negative_prompt, guidance_rescale)
         if seed is not None and (not _is_int(seed) or seed < 0):
             raise PipelineInputError(f"seed must be None or an int >= 0, got {seed!r}")
         if output_type not in OUTPUT_TYPES:
@@ -282,14 +363,26 @@ class BasePipeline:
             raise PipelineInputError(f"callback must be callable(step, timestep, latents), got {type(callback).__name__}")
         return prompts, negatives
 
+    def _check_embedded_guidance(self, negative_prompt: Any, guidance_rescale: float) -> None:
+        """A U-Net that embeds the guidance scale runs no unconditional pass (as diffusers' LCM pipelines):
+        a negative prompt has nothing to act on (a warning), and there is no CFG result to rescale (an error)."""
+        if guidance_rescale:
+            raise PipelineInputError(f"guidance_rescale must be 0 for this bundle, got {guidance_rescale!r}: its U-Net "
+                                     "takes the guidance scale as an input (timestep_cond) and runs no "
+                                     "classifier-free guidance to rescale")
+        if negative_prompt is not None:
+            logger.warning("negative prompt ignored: this bundle's U-Net takes the guidance scale as an input "
+                           "(timestep_cond, an LCM-distilled model) and runs no unconditional pass")
+
     def _check_size(self, height: Any, width: Any) -> None:
         f = self.vae_scale_factor
         for what, v in (("height", height), ("width", width)):
             if not _is_int(v) or v < f or v % f:
                 raise PipelineInputError(f"{what} must be a positive multiple of {f} (the VAE's spatial factor), got {v!r}")
 
-    def prepare_scheduler(self, scheduler: str | None, num_inference_steps: int) -> Any:
-        """The call's one scheduler: ``scheduler`` (None: the bundle's) built and set to ``num_inference_steps``.
+    def prepare_scheduler(self, scheduler: str | None, num_inference_steps: int, strength: float | None = None) -> Any:
+        """The call's one scheduler: ``scheduler`` (None: the bundle's) built and set to ``num_inference_steps``
+        (img2img: its ``img2img_timesteps`` for ``strength``; ``run_timesteps`` are the ones to run).
 
         Building the schedule is pure numpy, so config and step-count problems surface here, as
         ``PipelineInputError``, before any model runs.
@@ -300,15 +393,34 @@ class BasePipeline:
             raise PipelineInputError(f"unknown scheduler {name!r}; expected one of {', '.join(valid)}")
         try:
             sched = _scheduler_module().make_scheduler(name, self.scheduler_config)
-            sched.set_timesteps(num_inference_steps)
+            if strength is None:
+                sched.set_timesteps(num_inference_steps)
+            else:
+                sched.img2img_timesteps(num_inference_steps, strength)
         except ValueError as e:
             raise PipelineInputError(f"scheduler {name!r}: {e}") from None
         return sched
 
-    def _output(self, latents: np.ndarray, output_type: str, seed: int, sched: Any, height: int, width: int
-                ) -> PipelineOutput:
+    def scheduler_step_kwargs(self, sched: Any, eta: Any) -> dict[str, Any]:
+        """What the call's ``eta`` gives each step of ``sched`` (tcd: eta in [0, 1]; the others take only 0)."""
+        try:
+            return sched.step_kwargs(eta)
+        except ValueError as e:
+            raise PipelineInputError(str(e)) from None
+
+    def plan_memory(self, call: memory.CallShape) -> int:
+        """The engine batch (images per engine run) for ``call``; ``PipelineInputError`` when the memory
+        estimate is above ``memory_budget_bytes`` even at one image per run (see ``memory``)."""
+        budget = self.memory_budget_bytes
+        plan = memory.plan(self.model_dims, call, budget, self.max_engine_batch)
+        if plan.engine_batch == 0:
+            raise PipelineInputError(memory.refusal(plan, call, budget))
+        return plan.engine_batch
+
+    def _output(self, latents: np.ndarray, output_type: str, seed: int, sched: Any, height: int, width: int,
+                engine_batch: int | None = None) -> PipelineOutput:
         """6. decode, 7. postprocess, and what the call used."""
-        images = postprocess(self.decode_latents(latents), output_type)
+        images = postprocess(self.decode_latents(latents, engine_batch), output_type)
         return PipelineOutput(images=images, seed=seed, scheduler=sched.name, height=height, width=width)
 
 
@@ -351,14 +463,18 @@ class Pipeline(BasePipeline):
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         callback: Callback | None = None,
+        eta: float = 0.0,
     ) -> PipelineOutput:
         """Generate images from text; argument names and meanings follow diffusers' StableDiffusionPipeline.
 
         guidance_scale <= 1 disables classifier-free guidance (one B-row U-Net call per step);
-        above 1 each step is one U-Net call on [negative; prompt] (2B rows). ``latents`` is z_T
+        above 1 each step is one U-Net call on [negative; prompt] (2B rows). A bundle whose U-Net takes
+        ``timestep_cond`` (LCM-distilled) gets the scale as that embedding instead: B rows, no negative
+        prompt (as diffusers' LCM pipelines). ``latents`` is z_T
         before scheduler scaling, float32 (B * num_images_per_prompt, C, height/f, width/f).
         ``callback(step, timestep, latents)`` runs once per inference step. Without ``seed``,
-        ``height`` or ``width`` the call picks them and reports them in the output.
+        ``height`` or ``width`` the call picks them and reports them in the output. ``eta`` is
+        tcd's gamma in [0, 1] (0: deterministic, diffusers' pipeline default); other schedulers take 0.
         """
         # 1. check inputs, build the scheduler (nothing runs before both pass)
         dh, dw = self.manifest.default_size
@@ -369,16 +485,19 @@ class Pipeline(BasePipeline):
             num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, output_type=output_type,
             callback=callback)
         sched = self.prepare_scheduler(scheduler, num_inference_steps)
-        cfg = guidance.Guidance(guidance_scale, guidance_rescale)
+        step_kwargs = self.scheduler_step_kwargs(sched, eta)
+        cfg = self.call_guidance(guidance_scale, guidance_rescale)
         batch = len(prompts) * num_images_per_prompt
-        shapes = self.engine_shapes(len(prompts), batch, height, width, cfg.enabled)
+        engine_batch = self.plan_memory(memory.CallShape(len(prompts), batch, height, width, cfg.enabled))
+        shapes = self.engine_shapes(min(len(prompts), engine_batch), min(batch, engine_batch), height, width, cfg.enabled)
         self.check_engine_shapes({k: v for k, v in shapes.items() if k != "vae_encoder"})
         seed = _pick_seed(seed)
         rng = np.random.default_rng(seed)
         self.open_engines(("text_encoder", "unet", "vae_decoder"))  # together, on the first call
 
         # 2. encode prompt: (B*n, L, D), and the [negative; prompt] batch when guided
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None)
+        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None,
+                                              engine_batch)
         cond = guidance.cfg_embeddings(negative, embeds)
 
         # 3. timesteps (of the scheduler built in step 1)
@@ -388,10 +507,10 @@ class Pipeline(BasePipeline):
         z = self.prepare_latents(batch, height, width, rng, latents, sched.init_noise_sigma)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs)
 
         # 6. decode, 7. postprocess
-        return self._output(z, output_type, seed, sched, height, width)
+        return self._output(z, output_type, seed, sched, height, width, engine_batch)
 
 
 class Img2ImgPipeline(BasePipeline):
@@ -399,10 +518,14 @@ class Img2ImgPipeline(BasePipeline):
 
     required_components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
-    def encode_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents: a posterior draw mean + exp(logvar/2) * eps, eps from ``rng``."""
-        out = self.run_engine("vae_encoder", {"image": image}, where="encode_image")
-        mean, logvar = out["mean"], np.clip(out["logvar"], -30.0, 20.0)
+    def encode_image(self, image: np.ndarray, rng: np.random.Generator, engine_batch: int | None = None) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents: a posterior draw mean + exp(logvar/2) * eps, eps from ``rng``
+        (drawn for the whole batch, whatever ``engine_batch``: the images per encoder run)."""
+        outs = [self.run_engine("vae_encoder", {"image": image[rows]}, where="encode_image")
+                for rows in _row_slices(len(image), engine_batch)]
+        mean, logvar = _cat([o["mean"] for o in outs]), _cat([o["logvar"] for o in outs])
+        self.check_vae_factor("vae_encoder", image.shape[2:], mean.shape[2:])
+        logvar = np.clip(logvar, -30.0, 20.0)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
         z = mean + np.exp(np.float32(0.5) * logvar) * eps
         if self.shift_factor:
@@ -418,6 +541,11 @@ class Img2ImgPipeline(BasePipeline):
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+        dims = _image_dims(image)
+        if dims is not None:  # refuse an image too large before converting it (preprocess copies it several times)
+            count, h, w = dims
+            self.plan_memory(memory.CallShape(len(prompts), len(prompts) * num_images_per_prompt, h, w,
+                                              self.call_guidance(guidance_scale).enabled, count))
         try:
             pixels = preprocess(image, self.vae_scale_factor)
         except (TypeError, ValueError) as e:
@@ -427,9 +555,6 @@ class Img2ImgPipeline(BasePipeline):
                                      "pass one image for all prompts or one per prompt")
         if not isinstance(strength, numbers.Real) or not 0.0 < float(strength) <= 1.0:
             raise PipelineInputError(f"strength must be in (0, 1], got {strength!r}")
-        if int(num_inference_steps * strength) < 1:
-            raise PipelineInputError(f"num_inference_steps * strength = {num_inference_steps} * {strength} < 1: "
-                                     "no denoising step would run; raise either")
         return prompts, negatives, pixels
 
     def __call__(
@@ -446,72 +571,103 @@ class Img2ImgPipeline(BasePipeline):
         seed: int | None = None,
         output_type: str = "pil",
         callback: Callback | None = None,
+        eta: float = 0.0,
     ) -> PipelineOutput:
         """Transform ``image`` (PIL, list of PIL, uint8 or float [0, 1] array, (H, W, 3) or (B, H, W, 3)) along ``prompt``.
 
         ``strength`` in (0, 1] is the fraction of the schedule that is re-run: the image is noised
         to the first kept timestep, and int(num_inference_steps * strength) steps denoise it, as
-        in diffusers' StableDiffusionImg2ImgPipeline. The output size is the image's size.
+        in diffusers' StableDiffusionImg2ImgPipeline (lcm: strength cuts its distillation grid and
+        all the steps run, as in LatentConsistencyModelImg2ImgPipeline). The output size is the
+        image's size. ``eta`` as in ``Pipeline.__call__``.
         """
         # 1. check inputs, build the scheduler
         prompts, negatives, pixels = self.check_inputs(
             prompt=prompt, image=image, strength=strength, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
-        sched = self.prepare_scheduler(scheduler, num_inference_steps)
-        cfg = guidance.Guidance(guidance_scale, guidance_rescale)
+        sched = self.prepare_scheduler(scheduler, num_inference_steps, strength)
+        step_kwargs = self.scheduler_step_kwargs(sched, eta)
+        cfg = self.call_guidance(guidance_scale, guidance_rescale)
         height, width = pixels.shape[2:]
         batch = len(prompts) * num_images_per_prompt
-        self.check_engine_shapes(self.engine_shapes(len(prompts), batch, height, width, cfg.enabled, pixels.shape[0]))
+        engine_batch = self.plan_memory(memory.CallShape(len(prompts), batch, height, width, cfg.enabled, len(pixels)))
+        self.check_engine_shapes(self.engine_shapes(min(len(prompts), engine_batch), min(batch, engine_batch), height,
+                                                    width, cfg.enabled, min(len(pixels), engine_batch)))
         seed = _pick_seed(seed)
         rng = np.random.default_rng(seed)
         self.open_engines()  # together, on the first call
 
         # 2. encode prompt
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None)
+        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None,
+                                              engine_batch)
         cond = guidance.cfg_embeddings(negative, embeds)
 
-        # 3. timesteps: the tail of the schedule that strength keeps
-        timesteps = sched.img2img_timesteps(num_inference_steps, strength)
+        # 3. timesteps: the part of the schedule that strength keeps (set in step 1)
+        timesteps = sched.run_timesteps
 
         # 4. prepare latents: posterior draw of the image(s), repeated per image, noised to the first kept step
-        z0 = self.encode_image(pixels, rng)
+        z0 = self.encode_image(pixels, rng, engine_batch)
         z0 = np.repeat(z0, batch // z0.shape[0], axis=0)
         noise = rng.standard_normal(z0.shape, dtype=np.float32)
         z = np.asarray(sched.add_noise(z0, noise, timesteps[:1]), dtype=np.float32)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs)
 
         # 6. decode, 7. postprocess
-        return self._output(z, output_type, seed, sched, height, width)
+        return self._output(z, output_type, seed, sched, height, width, engine_batch)
+
+
+def load_tokenizer(manifest: Manifest) -> CLIPTokenizer:
+    """The bundle's tokenizer from its verified files; a file that does not parse is a ``BundleError``."""
+    try:
+        return CLIPTokenizer.from_manifest_entry(manifest.root, manifest.tokenizer, manifest.read_verified)
+    except BundleError:
+        raise
+    except ValueError as e:
+        raise BundleError(f"{manifest.root}: manifest field tokenizer: {e}") from None
+
+
+def guidance_embedding_dim(manifest: Manifest) -> int | None:
+    """The width of the U-Net's ``timestep_cond`` input (an LCM-distilled model's guidance embedding), or
+    None when its manifest inputs have none."""
+    spec = {s.name: s for s in manifest.component("unet").inputs}.get("timestep_cond")
+    if spec is None:
+        return None
+    if len(spec.shape) != 2 or not _is_int(spec.shape[1]) or spec.shape[1] < 4:
+        raise BundleError(f"{manifest.root}: manifest field components.unet.inputs: timestep_cond must have shape "
+                          f"[batch, width >= 4], got {list(spec.shape)}")
+    return int(spec.shape[1])
 
 
 def files_in_use(manifest: Manifest, components: tuple[str, ...], backend: str, device: str,
                  cpu_variant: bool = True) -> list[str]:
-    """The manifest's files a pipeline of ``components`` on ``backend``/``device`` can read.
+    """The bundle files a pipeline of ``components`` on ``backend``/``device`` can read.
 
-    Every file but those of other components and, per component, the graph it will not open:
-    on onnxruntime CPU the ``cpu_variant`` (fused attention, see export/optimize.py) when the
-    bundle has one, else the portable graph. Files no component owns (tokenizer, engine plans)
-    are always in.
+    The tokenizer's files and, per component, the graph it opens with its external data: on
+    onnxruntime CPU the ``cpu_variant`` (fused attention, see export/optimize.py) when the bundle
+    has one, else the portable graph; then the files in ``files`` no component owns (engine plans).
+    Every name is checked to lie inside the bundle (``Manifest.path``, naming its manifest field);
+    the names come from the fields that point at them, so ``files`` must list each (see ``verify_files``).
     """
-    comps = manifest.data["components"]
-    use_variant = backend == "onnxruntime" and device == "cpu" and cpu_variant
-    roles: dict[str, list[tuple[str, bool]]] = {}  # file -> [(component, as part of its CPU variant)]
-    for name, entry in comps.items():
-        for f in (entry.get("file"), *entry.get("external_data", ())):
-            roles.setdefault(f, []).append((name, False))
-        variant = entry.get("cpu_variant") or {}
-        for f in (variant.get("file"), *variant.get("external_data", ())):
-            roles.setdefault(f, []).append((name, True))  # a variant may share the portable graph's weights
-    roles.pop(None, None)
+    named = [(tok, f"tokenizer.{key}") for key in ("vocab", "merges") if (tok := manifest.tokenizer.get(key)) is not None]
+    for comp in (c for c in components if c in manifest.data["components"]):
+        named += graph_files(manifest, comp, backend == "onnxruntime" and device == "cpu" and cpu_variant)
+    for rel, field in named:
+        manifest.path(rel, field=field)
+    owned = {rel for comp in manifest.data["components"] for variant in (True, False)
+             for rel, _ in graph_files(manifest, comp, variant)}
+    return list(dict.fromkeys([rel for rel, _ in named] + [f for f in manifest.data["files"] if f not in owned]))
 
-    def read(comp: str, is_variant: bool) -> bool:
-        has_variant = bool((comps[comp].get("cpu_variant") or {}).get("file"))
-        return comp in components and is_variant == (use_variant and has_variant)
 
-    return [f for f in manifest.data["files"] if f not in roles or any(read(c, v) for c, v in roles[f])]
+def graph_files(manifest: Manifest, component: str, cpu_variant: bool) -> list[tuple[Any, str]]:
+    """(file, manifest field) of the graph ``component`` opens and its external data."""
+    entry, where = manifest.data["components"][component], f"components.{component}"
+    if cpu_variant and (entry.get("cpu_variant") or {}).get("file"):
+        entry, where = entry["cpu_variant"], f"{where}.cpu_variant"
+    data = entry.get("external_data") or []
+    return [(entry.get("file"), f"{where}.file"), *((f, f"{where}.external_data[{i}]") for i, f in enumerate(data))]
 
 
 def verify_files(manifest: Manifest, names: list[str]) -> None:
@@ -541,6 +697,43 @@ def _prompt_list(prompt: Any) -> list[str]:
         raise PipelineInputError(f"prompt must be a str or a list of str, got items of type "
                                  f"{sorted({type(p).__name__ for p in prompt})}")
     return list(prompt)
+
+
+def _check_encodable(texts: list[str], what: str) -> None:
+    """Refuse text the tokenizer cannot turn into UTF-8 bytes: a lone surrogate, such as a
+    command line's undecodable byte (``"\\udc80"``)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"{what}[{i}]" if len(texts) > 1 else what
+            raise PipelineInputError(f"{where} is not valid Unicode text: {text[e.start:e.end]!r} at position {e.start} "
+                                     "is a lone surrogate (an undecodable byte?)") from None
+
+
+def _row_slices(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``n`` rows (None: one slice of all)."""
+    step = max(1, n if size is None else size)
+    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    """Engine batch outputs joined along rows; a single one as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _image_dims(image: Any) -> tuple[int, int, int] | None:
+    """(images, height, width) of an img2img ``image`` from its size alone, before any conversion; None for
+    what ``preprocess`` does not take (it says why)."""
+    from PIL import Image
+
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    count = len(image) if isinstance(image, (list, tuple)) else 1
+    if isinstance(first, Image.Image):
+        return count, first.height, first.width
+    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
+        return (1 if image.ndim == 3 else image.shape[0]), image.shape[-3], image.shape[-2]
+    return None
 
 
 def _pick_seed(seed: int | None) -> int:

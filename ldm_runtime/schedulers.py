@@ -18,6 +18,7 @@ Usage, as in diffusers' denoising loop (one fresh scheduler per generation; step
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .noise_schedule import (
     TIMESTEP_SPACINGS,
     alpha_sigma_from_sigma,
     alphas_cumprod_from_betas,
+    consistency_timesteps,
     karras_sigmas,
     log_snr,
     make_betas,
@@ -60,6 +62,8 @@ class SchedulerConfig:
     lower_order_final: bool = True
     euler_at_final: bool = False
     interpolation_type: str = "linear"
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
 
 _CHOICES = {
@@ -70,6 +74,7 @@ _CHOICES = {
     "interpolation_type": ("linear", "log_linear"),
 }
 _BOOLS = ("set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr", "lower_order_final", "euler_at_final")
+MAX_TIMESTEPS = 1_000_000  # num_train_timesteps and steps_offset: a schedule is arrays of this length
 
 
 def _check_value(key: str, value: Any) -> None:
@@ -83,12 +88,18 @@ def _check_value(key: str, value: Any) -> None:
         raise bad("one of " + ", ".join(map(repr, _CHOICES[key])))
     if key in _BOOLS and not isinstance(value, (bool, np.bool_)):
         raise bad("true or false")
-    if key in ("num_train_timesteps", "steps_offset"):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < (1 if key[0] == "n" else 0):
-            raise bad("a positive integer" if key[0] == "n" else "a non-negative integer")
-    if key in ("beta_start", "beta_end", "clip_sample_range"):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise bad("a number")
+    if key in ("num_train_timesteps", "original_inference_steps", "steps_offset"):
+        positive = key != "steps_offset"
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not int(positive) <= value <= MAX_TIMESTEPS:
+            raise bad(f"an integer in [{int(positive)}, {MAX_TIMESTEPS}]")
+    if key in ("beta_start", "beta_end", "clip_sample_range", "timestep_scaling"):
+        finite = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value))
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not finite:
+            raise bad("a finite number")
+    if key in ("beta_start", "beta_end") and not 0 < value < 1:
+        raise bad("a variance in (0, 1)")
+    if key == "clip_sample_range" and value <= 0:
+        raise bad("a number > 0")
     if key == "trained_betas" and value is not None:
         if np.ndim(value) != 1 or not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
             raise bad("null or a list of numbers")
@@ -186,12 +197,15 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Lay out ``timesteps`` (the values fed to the U-Net) for a run of num_inference_steps; resets state."""
+        self._start_run(num_inference_steps)
+        self._set_timesteps(int(num_inference_steps))
+
+    def _start_run(self, num_inference_steps: int) -> None:
         T = self.config.num_train_timesteps
         if not isinstance(num_inference_steps, numbers.Integral) or not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {num_inference_steps!r}")
         self.num_inference_steps = int(num_inference_steps)
         self._begin_index = None
-        self._set_timesteps(int(num_inference_steps))
 
     def _set_timesteps(self, n: int) -> None:
         raise NotImplementedError
@@ -222,9 +236,22 @@ class Scheduler:
         """One solver step from timestep t: (B, C, h, w) float32 model output and x_t -> x_{t-1}.
 
         Call once per entry of ``timesteps``, in order. ``generator`` feeds the stochastic
-        schedulers (euler_a); without one they draw from a fresh, unseeded generator.
+        schedulers (euler_a, lcm, tcd with eta > 0); without one they draw from a fresh, unseeded
+        generator. Each draws float32 standard normals of the model output's shape, one array per
+        step that injects noise, in step order.
         """
         raise NotImplementedError
+
+    def step_kwargs(self, eta: Any) -> dict[str, Any]:
+        """The keyword arguments of step() that a pipeline call's ``eta=`` becomes; ValueError where it cannot apply.
+
+        diffusers' pipelines pass eta only to schedulers whose step() takes one; here the others
+        take eta = 0 (the pipelines' default) and refuse any other value rather than ignore it.
+        """
+        _check_eta(eta)
+        if eta != 0:
+            raise ValueError(f"eta={eta!r}: scheduler {self.name!r} takes no eta (tcd does); leave it at 0")
+        return {}
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, t: Any) -> np.ndarray:
         """x_0 noised to timestep t (a scalar or one per batch item), as diffusers' add_noise."""
@@ -239,9 +266,18 @@ class Scheduler:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         self.set_timesteps(num_inference_steps)
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        if init_timestep < 1:
+            raise ValueError(f"num_inference_steps * strength = {num_inference_steps} * {strength} < 1: "
+                             "no denoising step would run; raise either")
         t_start = max(num_inference_steps - init_timestep, 0) * self.order
         self._begin_index = t_start
         return self.timesteps[t_start:]
+
+    @property
+    def run_timesteps(self) -> np.ndarray:
+        """The timesteps of the step() calls of this run, in order: from the begin index (img2img) on."""
+        self._require_timesteps()
+        return self.timesteps[self._begin_index or 0:]
 
 
 # -- alpha_bar-indexed schedulers: the timestep value itself selects alpha_bar_t ------------------
@@ -255,6 +291,11 @@ class _AlphaIndexed(Scheduler):
         alpha_bar = self.alphas_cumprod[np.asarray(t).astype(np.int64).reshape(-1)]
         shape = (-1,) + (1,) * (original.ndim - 1)  # (B,) -> (B, 1, 1, 1)
         return (alpha_bar**0.5).reshape(shape) * original + ((1 - alpha_bar) ** 0.5).reshape(shape) * noise
+
+
+def _check_eta(eta: Any) -> None:
+    if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0 <= float(eta) <= 1:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
 
 
 class DDIM(_AlphaIndexed):
@@ -275,6 +316,13 @@ class DDIM(_AlphaIndexed):
         c = self.config
         ts = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
         self.timesteps = ts.astype(np.float32)
+
+    def step_kwargs(self, eta: Any) -> dict[str, Any]:
+        _check_eta(eta)
+        if eta != 0:
+            raise ValueError(f"eta={eta!r}: scheduler 'ddim' is deterministic DDIM (eta 0) only; "
+                             "for a stochastic few-step sampler use tcd")
+        return {}
 
     def step(self, model_output: np.ndarray, t: Any, sample: np.ndarray,
              generator: np.random.Generator | None = None) -> np.ndarray:
@@ -637,9 +685,148 @@ class UniPC(_Multistep):
         return x
 
 
+# -- consistency samplers: one jump to x_0 per step, then re-noised to the next timestep ----------
+
+class _Consistency(_AlphaIndexed):
+    """Shared by LCM and TCD: the distillation grid (``original_inference_steps``), a step counter.
+
+    Their diffusers classes accept but never read timestep_spacing, steps_offset and
+    set_alpha_to_one; the grid depends on original_inference_steps and the step count only.
+    """
+    defaults = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    trained_betas=None, original_inference_steps=50, prediction_type="epsilon",
+                    rescale_betas_zero_snr=False)
+    # an explicit original_inference_steps lays the grid over every training timestep (TCD only)
+    explicit_original_uses_every_timestep: ClassVar[bool] = False
+
+    def set_timesteps(self, num_inference_steps: int, *, original_inference_steps: int | None = None,
+                      strength: float = 1.0) -> None:
+        """num_inference_steps of the distillation grid, as diffusers' set_timesteps with the same arguments.
+
+        ``original_inference_steps`` (None: the config's) and ``strength`` are what diffusers'
+        LCM pipelines pass; its SD pipelines pass neither.
+        """
+        self._start_run(num_inference_steps)
+        c = self.config
+        explicit = original_inference_steps is not None
+        original = c.original_inference_steps if original_inference_steps is None else original_inference_steps
+        every = explicit and self.explicit_original_uses_every_timestep
+        ts = consistency_timesteps(int(num_inference_steps), c.num_train_timesteps, original, strength,
+                                   every_timestep=every)
+        self.timesteps = ts.astype(np.float32)
+        self._step_index: int | None = None
+
+    def _next_index(self, t: Any) -> int:
+        """The position of this step() call: from the begin index, or where the first t sits."""
+        if self._step_index is None:
+            hits = np.flatnonzero(self.timesteps == np.float32(t))
+            if self._begin_index is None and len(hits) == 0:
+                raise ValueError(f"{self.name}: timestep {t!r} is not in the schedule {self.timesteps.tolist()}")
+            self._step_index = self._begin_index if self._begin_index is not None else int(hits[0])
+        if self._step_index >= len(self.timesteps):
+            raise RuntimeError(f"{self.name}: step called more often than the {len(self.timesteps)} timesteps")
+        self._step_index += 1
+        return self._step_index - 1
+
+    def _estimates(self, model_output: np.ndarray, sample: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        alpha_bar = self.alphas_cumprod[t]
+        return denoised_and_eps(self.config.prediction_type, model_output, sample, (1 - alpha_bar) ** 0.5,
+                                alpha_bar**0.5)
+
+
+class LCM(_Consistency):
+    """Multistep latent consistency sampling (Luo et al. 2023, Alg. 3): x_0 with the boundary scalings, re-noised.
+
+    c_skip = s^2 / ((t * timestep_scaling)^2 + s^2), c_out = t * timestep_scaling / sqrt(...), s = 0.5;
+    each step but the last draws one float32 standard normal array from ``generator``.
+    img2img follows diffusers' LatentConsistencyModelImg2ImgPipeline: strength cuts the
+    distillation grid, and every one of num_inference_steps runs.
+    """
+    name = "lcm"
+    diffusers_class = "LCMScheduler"
+    defaults = dict(_Consistency.defaults, clip_sample=False, clip_sample_range=1.0, timestep_scaling=10.0)
+    unsupported = {"thresholding": False}
+    sigma_data: ClassVar[float] = 0.5
+
+    def boundary_scalings(self, t: Any) -> tuple[np.float32, np.float32]:
+        """(c_skip, c_out) at discrete timestep t, float32 as diffusers computes them."""
+        scaled = np.float32(t) * np.float32(self.config.timestep_scaling)
+        s2 = np.float32(self.sigma_data**2)
+        return s2 / (scaled**2 + s2), scaled / (scaled**2 + s2) ** np.float32(0.5)
+
+    def step(self, model_output: np.ndarray, t: Any, sample: np.ndarray,
+             generator: np.random.Generator | None = None) -> np.ndarray:
+        self._require_timesteps()
+        model_output, sample = _f32(model_output), _f32(sample)
+        c = self.config
+        i = self._next_index(t)
+        denoised, _ = self._estimates(model_output, sample, int(t))
+        if c.clip_sample:
+            denoised = np.clip(denoised, -c.clip_sample_range, c.clip_sample_range)
+        c_skip, c_out = self.boundary_scalings(t)
+        denoised = c_out * denoised + c_skip * sample
+        if i == len(self.timesteps) - 1:
+            return denoised
+        alpha_bar_prev = self.alphas_cumprod[int(self.timesteps[i + 1])]
+        rng = generator if generator is not None else np.random.default_rng()
+        noise = rng.standard_normal(model_output.shape, dtype=np.float32)
+        return alpha_bar_prev**0.5 * denoised + (1 - alpha_bar_prev) ** 0.5 * noise
+
+    def img2img_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        self.set_timesteps(num_inference_steps, strength=strength)
+        return self.timesteps
+
+
+class TCD(_Consistency):
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, Alg. 4).
+
+    Each step jumps from t to s = floor((1 - eta) t_prev) along the predicted trajectory, then
+    (eta > 0, not the last step) forward-noises from s to t_prev with one float32 standard normal
+    array from ``generator``. eta = 0 is deterministic; eta = 1 is LCM-like multistep sampling.
+    The last step lands at s = 0, not on x_0: the result keeps alpha_bar_0's sliver of noise, as
+    in diffusers.
+
+    What a user gets, matching diffusers: through ``Pipeline(..., eta=...)`` eta defaults to 0.0,
+    the value diffusers' SD pipelines pass (TCD's own step() default, 0.3, applies only to direct
+    step calls, here as there); the grid comes from the config's original_inference_steps (the SD
+    pipelines never pass one), so 4 steps give [999, 759, 499, 259]. Passing original_inference_steps
+    to set_timesteps, even the config's value, spaces the steps over all training timesteps instead
+    ([999, 749, 499, 249]), a diffusers quirk kept here. img2img is StableDiffusionImg2ImgPipeline's
+    (the tail of the schedule), as for the other schedulers.
+    """
+    name = "tcd"
+    diffusers_class = "TCDScheduler"
+    explicit_original_uses_every_timestep = True
+
+    def step_kwargs(self, eta: Any) -> dict[str, Any]:
+        _check_eta(eta)
+        return {"eta": float(eta)}
+
+    def step(self, model_output: np.ndarray, t: Any, sample: np.ndarray,
+             generator: np.random.Generator | None = None, eta: float = 0.3) -> np.ndarray:
+        self._require_timesteps()
+        _check_eta(eta)
+        model_output, sample = _f32(model_output), _f32(sample)
+        i = self._next_index(t)
+        last = i == len(self.timesteps) - 1
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
+        s = int(np.floor(np.float32(1 - eta) * np.float32(prev_t)))
+        alpha_bar_prev, alpha_bar_s = self.alphas_cumprod[prev_t], self.alphas_cumprod[s]
+        denoised, eps = self._estimates(model_output, sample, int(t))
+        noised = alpha_bar_s**0.5 * denoised + (1 - alpha_bar_s) ** 0.5 * eps  # x_s on the predicted trajectory
+        if eta == 0 or last:
+            return noised
+        rng = generator if generator is not None else np.random.default_rng()
+        noise = rng.standard_normal(model_output.shape, dtype=np.float32)
+        ratio = alpha_bar_prev / alpha_bar_s
+        return ratio**0.5 * noised + (1 - ratio) ** 0.5 * noise
+
+
 # the one table of our names and their diffusers classes: each class carries its row
 _CLASSES: dict[str, type[Scheduler]] = {cls.name: cls for cls in (
-    DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, UniPC)}
+    DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, UniPC, LCM, TCD)}
 SCHEDULERS: tuple[str, ...] = tuple(_CLASSES)
 
 

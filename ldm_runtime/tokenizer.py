@@ -26,10 +26,15 @@ import itertools
 import json
 import logging
 import re
+import sys
+import threading
 import unicodedata
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from .manifest import contained_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,11 @@ SOT_LITERAL, EOT_LITERAL = "<|startoftext|>", "<|endoftext|>"
 # which Python's str.isspace() counts, nor U+200B / U+FEFF / U+180E)
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
                        + "\u2028\u2029\u202f\u205f\u3000")
-CACHE_LIMIT = 100_000  # words in the BPE cache before it is cleared
+# the BPE cache is cleared before it passes CACHE_LIMIT words or CACHE_BYTES (words and their
+# symbols, as sys.getsizeof counts them): distinct long prompts cannot grow it without limit
+CACHE_LIMIT = 100_000
+CACHE_BYTES = 32 << 20
+LOG_TOKENS, LOG_CHARS = 40, 200  # the most of a dropped prompt tail a truncation warning quotes
 # the tokenizer options a bundle's manifest (and a checkpoint's tokenizer config) carries, as
 # ``CLIPTokenizer``'s keyword arguments; the special tokens as transformers' config files name them
 SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token")
@@ -64,20 +73,14 @@ BYTE_TO_CHAR = bytes_to_unicode()
 BYTE_STRINGS = [BYTE_TO_CHAR[b] for b in range(256)]
 BYTE_VALUES = {c: bytes([b]) for b, c in BYTE_TO_CHAR.items()}
 
-_char_class_cache: dict[str, str] = {}
 
-
+@functools.lru_cache(maxsize=1 << 16)  # bounded: prompts may hold any of Unicode's 1.1M code points
 def char_class(c: str) -> str:
     """'s' whitespace, 'L' letter (\\p{L}), 'N' number (\\p{N}), 'P' anything else."""
-    k = _char_class_cache.get(c)
-    if k is None:
-        if c in WHITESPACE:
-            k = "s"
-        else:
-            cat = unicodedata.category(c)[0]
-            k = cat if cat in "LN" else "P"
-        _char_class_cache[c] = k
-    return k
+    if c in WHITESPACE:
+        return "s"
+    cat = unicodedata.category(c)[0]
+    return cat if cat in "LN" else "P"
 
 
 def normalize(text: str) -> str:
@@ -121,29 +124,37 @@ def pre_tokenize(text: str) -> list[str]:
     return words
 
 
-def _read_vocab(path: Path) -> dict[str, int]:
+def _read_contained(root: Path, rel: str, field: str) -> bytes:
+    return _read_file(contained_path(root, rel, field), field.split(".")[-1])
+
+
+def _read_file(path: Path, what: str) -> bytes:
     try:
-        with open(path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        return path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"CLIP tokenizer vocab file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid vocab.json (expected a JSON object token -> id): {e}") from None
+        raise FileNotFoundError(f"CLIP tokenizer {what} file not found: {path}") from None
+
+
+# errors name the file, the line or entry and what is wrong, never the file's text: a bundle's
+# tokenizer path may have been pointed at a file that is not the bundle's to show
+def _read_vocab(path: Path, data: bytes) -> dict[str, int]:
+    try:
+        vocab = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{path}: not a valid vocab.json (expected a UTF-8 JSON object token -> id)") from None
     if not isinstance(vocab, dict) or not vocab:
         raise ValueError(f"{path}: expected a non-empty JSON object token -> id, got {type(vocab).__name__}")
-    bad = next(((t, i) for t, i in vocab.items() if type(i) is not int or i < 0), None)
+    bad = next((n for n, i in enumerate(vocab.values()) if type(i) is not int or i < 0), None)
     if bad is not None:
-        raise ValueError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; expected a non-negative int")
+        raise ValueError(f"{path}: entry {bad} has an id that is not a non-negative int")
     return vocab
 
 
-def _read_merges(path: Path, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
+def _read_merges(path: Path, data: bytes, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"CLIP tokenizer merges file not found: {path}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: merges file is not UTF-8: {e}") from None
+        raise ValueError(f"{path}: merges file is not UTF-8 (bad byte at offset {e.start})") from None
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     lines = [line for line in text.split("\n") if line and not line.startswith("#version")]
@@ -157,10 +168,11 @@ def _read_merges(path: Path, vocab: dict[str, int]) -> dict[tuple[str, str], int
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{path}:{lineno}: expected a merge 'left right', got {line!r}")
+                raise ValueError(f"{path}:{lineno}: expected a merge 'left right' (two non-empty symbols "
+                                 "separated by one space)")
             for tok in (*parts, "".join(parts)):
                 if tok not in vocab:
-                    raise ValueError(f"{path}:{lineno}: merge {line!r} uses {tok!r}, which is not in the vocab")
+                    raise ValueError(f"{path}:{lineno}: the merge uses a symbol that is not in the vocab")
     # a repeated merge keeps its last rank, as in tokenizers
     return dict(zip(pairs, range(len(pairs))))
 
@@ -170,10 +182,14 @@ class CLIPTokenizer:
 
     def __init__(self, vocab_file: str | Path, merges_file: str | Path, model_max_length: int = 77,
                  pad_token: str = "<|endoftext|>", bos_token: str = "<|startoftext|>",
-                 eos_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>"):
+                 eos_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>",
+                 contents: tuple[bytes, bytes] | None = None):
+        """``contents``: the vocab and merges files' bytes when the caller has read (and verified) them;
+        the two paths then only name the files in errors."""
         self.vocab_file, self.merges_file = Path(vocab_file), Path(merges_file)
-        self.encoder = _read_vocab(self.vocab_file)
-        self.bpe_ranks = _read_merges(self.merges_file, self.encoder)
+        vocab, merges = contents or (_read_file(self.vocab_file, "vocab"), _read_file(self.merges_file, "merges"))
+        self.encoder = _read_vocab(self.vocab_file, vocab)
+        self.bpe_ranks = _read_merges(self.merges_file, merges, self.encoder)
         self.model_max_length = int(model_max_length)
         if self.model_max_length < 2:
             raise ValueError(f"model_max_length must be >= 2 (room for bos and eos), got {model_max_length}")
@@ -190,16 +206,26 @@ class CLIPTokenizer:
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
         self._specials = frozenset(specials)
         self._cache: dict[str, tuple[str, ...]] = {}
+        self._cache_bytes = 0  # what the cache holds, bounded by CACHE_BYTES
+        self._cache_lock = threading.Lock()  # pipelines tokenize on several threads
 
     @classmethod
-    def from_manifest_entry(cls, root: str | Path, entry: dict) -> "CLIPTokenizer":
-        """Build from a bundle manifest's ``tokenizer`` entry; file paths are relative to ``root``."""
+    def from_manifest_entry(cls, root: str | Path, entry: dict,
+                            read: Callable[[str, str], bytes] | None = None) -> "CLIPTokenizer":
+        """Build from a bundle manifest's ``tokenizer`` entry; file paths are relative to ``root``.
+
+        ``read(rel, field)`` returns a file's bytes (the pipeline passes ``Manifest.read_verified``,
+        which also checks them against the manifest's hashes); by default the file is read after
+        ``manifest.contained_path`` has checked that it lies inside ``root``.
+        """
         missing = [k for k in ("vocab", "merges") if k not in entry]
         if missing:
             raise ValueError(f"tokenizer manifest entry is missing {missing}; got keys {sorted(entry)}")
-        root = Path(root)
+        if read is None:
+            read = functools.partial(_read_contained, Path(root))
         kw = {k: entry[k] for k in TOKENIZER_OPTIONS if k in entry}
-        return cls(root / entry["vocab"], root / entry["merges"], **kw)
+        contents = read(entry["vocab"], "tokenizer.vocab"), read(entry["merges"], "tokenizer.merges")
+        return cls(Path(root) / entry["vocab"], Path(root) / entry["merges"], **kw, contents=contents)
 
     @functools.cached_property
     def decoder(self) -> dict[int, str]:
@@ -238,10 +264,27 @@ class CLIPTokenizer:
             if prv[i] != -1 and (r2 := ranks.get((syms[prv[i]], syms[i]))) is not None:
                 heapq.heappush(heap, (r2, prv[i]))
         out = tuple(s for s in syms if s)
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = out
+        self._remember(word, out)
         return out
+
+    def _remember(self, word: str, out: tuple[str, ...]) -> None:
+        """Cache ``word``'s merge, clearing the cache first when it would pass CACHE_LIMIT words or CACHE_BYTES."""
+        cost = sys.getsizeof(word) + sys.getsizeof(out) + sum(map(sys.getsizeof, out))
+        if cost > CACHE_BYTES:
+            return
+        with self._cache_lock:
+            if word in self._cache:
+                return
+            if len(self._cache) >= CACHE_LIMIT or self._cache_bytes + cost > CACHE_BYTES:
+                self._cache.clear()
+                self._cache_bytes = 0
+            self._cache[word] = out
+            self._cache_bytes += cost
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the BPE cache holds (words and their symbols), at most CACHE_BYTES."""
+        return self._cache_bytes
 
     def _pieces(self, text: str) -> list[tuple[bool, str]]:
         """Raw text -> [(is_special, piece)]: specials cut out before any normalisation."""
@@ -286,7 +329,16 @@ class CLIPTokenizer:
                 dropped = ids[L - 1 : -1]
                 logger.warning(
                     "Prompt %d: %d tokens dropped. The following part of your input was truncated because "
-                    "CLIP can only handle sequences up to %d tokens: %r", b, len(dropped), L, self.decode(dropped))
+                    "CLIP can only handle sequences up to %d tokens: %r%s", b, len(dropped), L,
+                    *self._quoted_tail(dropped))
                 ids = ids[: L - 1] + [self.eos_token_id]
             out[b, : len(ids)] = ids
         return out
+
+    def _quoted_tail(self, dropped: list[int]) -> tuple[str, str]:
+        """The start of the dropped text for the truncation warning, and what was left out of it: a log
+        line stays short whatever the prompt's length."""
+        text = self.decode(dropped[:LOG_TOKENS])
+        if len(dropped) <= LOG_TOKENS and len(text) <= LOG_CHARS:
+            return text, ""
+        return text[:LOG_CHARS], f" ... (cut; {len(dropped)} tokens dropped in all)"

@@ -53,6 +53,18 @@ def tiny_latent_diffusion(seed: int = 0, scaling_factor: float = 0.5):
         default_size=(64, 64))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: tiny models on a shared 2-core machine, where OpenMP
+    threads only contend (convolutions get many times slower)."""
+    torch = pytest.importorskip("torch")
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tmp_path_factory) -> Path:
     """Our checkpoint folder with tiny random models (see ``tiny_latent_diffusion``)."""

@@ -112,12 +112,7 @@ def check(got: np.ndarray, want: np.ndarray, tol: float, what: str) -> None:
     assert d <= tol
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_unet_matches_golden():

@@ -36,7 +36,10 @@ class FakeSession:
         return list(self.active)
 
     def get_inputs(self):
-        return [SimpleNamespace(name=s.name) for s in INPUTS]
+        return [SimpleNamespace(name=s.name, type="tensor(float)", shape=list(s.shape)) for s in INPUTS]
+
+    def get_outputs(self):
+        return [SimpleNamespace(name=s.name, type="tensor(float)", shape=list(s.shape)) for s in OUTPUTS]
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@ The diffusers folder (``tiny_diffusers_dir``, saved with ``save_pretrained`` as 
 exported with ``ldm export``'s library entry point to an fp32 bundle and run on onnxruntime CPU;
 diffusers runs the same folder in torch with the matching scheduler class swapped in through
 ``from_config``. Initial noise is passed as ``latents=``; where diffusers draws noise itself
-(euler_a's steps, img2img's posterior sample and noise) its ``randn_tensor`` is replaced by draws
-from the same seeded numpy generator the runtime uses, in the runtime's order.
+(the steps of euler_a, lcm and tcd, img2img's posterior sample and noise) its ``randn_tensor`` is
+replaced by draws from the same seeded numpy generator the runtime uses, in the runtime's order.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ldm_runtime.pipeline import Img2ImgPipeline, Pipeline  # noqa: E402
 from ldm_runtime.schedulers import SCHEDULERS, scheduler_class  # noqa: E402
 
 # the live oracle: slow tier; tests/test_golden.py checks the same images against stored references
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TOL = 2e-3  # max abs on the "np" output (CONTRACT.md)
 PROMPT = "a red circle on a blue background"
@@ -35,12 +36,6 @@ DIFFUSERS_SCHEDULERS = {name: (scheduler_class(name).diffusers_class, scheduler_
                         for name in SCHEDULERS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only contend
-    yield
-    torch.set_num_threads(n)
 
 
 class Setup:
@@ -104,27 +99,31 @@ def check(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert d <= TOL
 
 
-@pytest.mark.parametrize("scheduler", [s for s in DIFFUSERS_SCHEDULERS if s != "euler_a"])
+STOCHASTIC = ("euler_a", "lcm")  # and tcd with eta > 0; its default eta 0 is deterministic
+
+
+@pytest.mark.parametrize("scheduler", [s for s in DIFFUSERS_SCHEDULERS if s not in STOCHASTIC])
 def test_schedulers_match_diffusers(sd, scheduler):
     ours, ref = run_both(sd, scheduler, prompt=PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=latents(1))
     check(ours, ref, scheduler)
 
 
-def test_euler_ancestral_matches_diffusers_with_the_same_noise(sd, monkeypatch):
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
-
+@pytest.mark.parametrize("scheduler, eta, draws", [("euler_a", 0.0, 4), ("lcm", 0.0, 3), ("tcd", 0.3, 3)])
+def test_stochastic_schedulers_match_diffusers_with_the_same_noise(sd, monkeypatch, scheduler, eta, draws):
+    # euler_a draws on every step, lcm and tcd on all but the last; diffusers' SD pipeline passes eta to tcd
     seed = 9
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)  # what the runtime draws first from `seed`
-    randn = NumpyRandn(rng)  # then one draw per step
-    monkeypatch.setattr(ea, "randn_tensor", randn)
-    ours = sd.pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, scheduler="euler_a", seed=seed,
+    randn = NumpyRandn(rng)  # then one draw per noised step
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler][0])
+    monkeypatch.setattr(sys.modules[cls.__module__], "randn_tensor", randn)
+    ours = sd.pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, scheduler=scheduler, seed=seed, eta=eta,
                    output_type="np").images
     with torch.no_grad():
-        ref = sd.use("euler_a")(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=torch.from_numpy(z),
-                                output_type="np").images
-    assert randn.shapes == [(1, 4, 8, 8)] * 4
-    check(ours, ref, "euler_a (same noise)")
+        ref = sd.use(scheduler)(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=torch.from_numpy(z),
+                                eta=eta, output_type="np").images
+    assert randn.shapes == [(1, 4, 8, 8)] * draws
+    check(ours, ref, f"{scheduler} eta {eta} (same noise)")
 
 
 def test_two_prompts_different_negatives_non_square(sd):

@@ -33,13 +33,7 @@ TOL = 1e-3  # max abs on the "np" output, fp32 bundle vs torch
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # tiny models on a shared 2-core machine: OpenMP threads only contend (100x slower convs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +86,7 @@ class Recorder:
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_matches_torch_reference(pipe, models, scheduler):
     kw = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0, scheduler=scheduler)
-    if scheduler == "euler_a":
+    if scheduler in ("euler_a", "lcm"):
         kw["seed"] = 3  # stochastic: noise from the same seeded numpy generator on both sides
     else:
         kw["latents"] = noise((1, 4, 8, 8))
@@ -103,6 +97,23 @@ def test_matches_torch_reference(pipe, models, scheduler):
     assert ours.shape == ref.shape == (1, 64, 64, 3) and ours.dtype == np.float32
     assert ours.std() > 1e-3  # not a flat image: the comparison means something
     assert d <= TOL
+
+
+@pytest.mark.parametrize("scheduler, eta, steps", [("lcm", 0.0, 1), ("lcm", 0.0, 4), ("tcd", 0.0, 4),
+                                                   ("tcd", 0.3, 4), ("tcd", 1.0, 2)])
+def test_few_step_schedulers_match_torch_reference(pipe, models, scheduler, eta, steps):
+    # lcm, and tcd with eta > 0, draw their step noise from the call's seeded generator, after z_T
+    kw = dict(prompt=["a red circle", "a cat"], negative_prompt="blurry", num_inference_steps=steps,
+              guidance_scale=5.0, scheduler=scheduler, eta=eta, seed=21)
+    ours = pipe(**kw, output_type="np").images
+    ref = sample(models, **kw)
+    d = float(np.abs(ours - ref).max())
+    print(f"{scheduler} eta {eta}, {steps} steps: max abs diff {d:.2e} (image std {ours.std():.3f})")
+    assert ours.shape == ref.shape == (2, 64, 64, 3) and ours.std() > 1e-3
+    assert d <= TOL
+    if eta:  # the noise matters: another seed gives another image
+        other = pipe(**{**kw, "seed": 22}, output_type="np").images
+        assert np.abs(other - ours).max() > 1e-3
 
 
 def test_batch_negatives_rescale_odd_size_match_reference(pipe, models):
@@ -206,7 +217,7 @@ def _test_image() -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m", "lcm", "tcd"])
 def test_img2img_matches_reference(pipe, models, scheduler):
     from PIL import Image
 
@@ -250,6 +261,11 @@ BAD_CALLS = [
     (dict(output_type="latent"), r"output_type must be one of"),
     (dict(guidance_rescale=1.5), r"guidance_rescale must be a number in \[0, 1\]"),
     (dict(seed=-1), r"seed must be None or an int >= 0"),
+    (dict(scheduler="lcm", num_inference_steps=51),
+     r"scheduler 'lcm': num_inference_steps=51 is more than original_inference_steps=50"),
+    (dict(scheduler="tcd", eta=1.5), r"eta must be a number in \[0, 1\], got 1.5"),
+    (dict(scheduler="ddim", eta=0.5), r"eta=0.5: scheduler 'ddim' is deterministic DDIM \(eta 0\) only"),
+    (dict(scheduler="euler", eta=0.2), r"eta=0.2: scheduler 'euler' takes no eta"),
 ]
 
 
@@ -264,6 +280,8 @@ def test_bad_input_is_refused_before_any_model(bundle, kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(strength=0.0), r"strength must be in \(0, 1\]"),
     (dict(strength=0.1, num_inference_steps=5), r"no denoising step would run"),
+    (dict(strength=0.1, num_inference_steps=6, scheduler="lcm"), r"the 5 timesteps that strength 0.1 keeps"),
+    (dict(scheduler="tcd", eta=-0.5), r"eta must be a number in \[0, 1\], got -0.5"),
     (dict(image=np.zeros((60, 64, 3), np.uint8)), r"multiples of 8 .* got 60x64"),
     (dict(image=np.zeros((3, 64, 64, 3), np.uint8)), r"got 3 images for 1 prompts"),
     (dict(image=np.full((64, 64, 3), 2.0, np.float32)), r"float image must be finite and in \[0, 1\]"),
@@ -360,6 +378,20 @@ def test_generate_writes_pngs_with_parameters(bundle, pipe, tmp_path, capsys):
         assert np.asarray(im).tobytes() == np.asarray(again).tobytes()
 
 
+def test_generate_tcd_eta_is_recorded_and_reproduces(bundle, pipe, tmp_path, capsys):
+    rc = generate_main([str(bundle), "a red circle", "--steps", "3", "--seed", "4", "--scheduler", "tcd",
+                        "--eta", "0.3", "--out", str(tmp_path / "tcd.png")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    params = read_parameters(out.out.strip())
+    assert (params["scheduler"], params["eta"]) == ("tcd", 0.3)
+    again = pipe("a red circle", num_inference_steps=3, scheduler="tcd", eta=params["eta"], seed=4).images[0]
+    from PIL import Image
+
+    with Image.open(out.out.strip()) as im:
+        assert np.asarray(im).tobytes() == np.asarray(again).tobytes()
+
+
 def test_generate_without_seed_records_one(bundle, tmp_path, capsys):
     assert generate_main([str(bundle), "a dog", "--steps", "1", "--out", str(tmp_path / "a")]) == 0
     first = Path(capsys.readouterr().out.strip())
@@ -375,6 +407,8 @@ def test_generate_without_seed_records_one(bundle, tmp_path, capsys):
     (["--scheduler", "heun"], "unknown scheduler 'heun'; expected one of ddim, pndm"),
     (["--steps", "x"], "argument --steps: invalid int value"),
     (["--steps", "0"], "num_inference_steps must be an int >= 1"),
+    (["--scheduler", "euler", "--eta", "0.3"], "scheduler 'euler' takes no eta"),
+    (["--scheduler", "tcd", "--eta", "2"], "eta must be a number in [0, 1], got 2.0"),
 ])
 def test_generate_bad_input_exit_2(bundle, tmp_path, capsys, args, message):
     rc = generate_main([str(bundle), "a dog", *args, "--out", str(tmp_path)])

@@ -7,6 +7,9 @@ only matters where a step cancels large terms (see assert_trajectories_match). M
 max|a - b| / max|b| <= 2.3e-6 on all cases but three: 3-step zero-SNR Euler / Euler-a (first step
 from sigma 4096) and 2-step v-prediction Euler-a reach 9.6e-5 / 8.3e-5 / 1.5e-5, which is at most
 6.1e-8 x the largest latent; with the stated tolerance the worst case uses 2.2e-6 of 1e-5.
+The stochastic ones (euler_a, lcm, tcd) get diffusers' ``randn_tensor`` replaced by draws from the
+same seeded numpy stream as ours (``patch_noise``). lcm and tcd, over every case here: at most
+7.5e-7 and 1.1e-6 of the scaled tolerance measure.
 """
 from __future__ import annotations
 
@@ -72,35 +75,44 @@ def diffusers_scheduler(name: str, config: dict):
     return cls.from_config(config, **fixed)
 
 
-def patch_ancestral_noise(monkeypatch, seed: int) -> None:
-    """diffusers' Euler-ancestral draws its noise from the same numpy stream as ours."""
-    rng = np.random.default_rng(seed)
+CONSISTENCY = ("lcm", "tcd")  # their grid is a subset of original_inference_steps (50 by default)
+STOCHASTIC = ("euler_a", "lcm", "tcd")  # tcd: at its step() default, eta 0.3, on both sides
+
+
+def patch_noise(monkeypatch, name: str, seed: int) -> list:
+    """diffusers' stochastic schedulers draw their noise from the same numpy stream as ours (a generator
+    seeded ``seed``, float32 standard normals of the model output's shape, in step order). Returns the
+    list of the shapes diffusers draws, filled as it runs."""
+    rng, shapes = np.random.default_rng(seed), []
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        shapes.append(tuple(shape))
         return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
 
-    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor)
+    if name in STOCHASTIC:
+        monkeypatch.setattr(sys.modules[ORACLE[name][0].__module__], "randn_tensor", randn_tensor)
+    return shapes
 
 
-def run_ours(sched, x: np.ndarray, timesteps, seed: int = 7) -> tuple[list, list]:
+def run_ours(sched, x: np.ndarray, timesteps, seed: int = 7, **step_kwargs) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
     inputs, outputs = [], []
     for t in timesteps:
         inp = sched.scale_model_input(x, t)
-        x = sched.step(fake_denoiser(inp, t), t, x, generator=rng)
+        x = sched.step(fake_denoiser(inp, t), t, x, generator=rng, **step_kwargs)
         assert x.dtype == np.float32
         inputs.append(inp)
         outputs.append(x)
     return inputs, outputs
 
 
-def run_diffusers(sched, x: np.ndarray, timesteps) -> tuple[list, list]:
+def run_diffusers(sched, x: np.ndarray, timesteps, **step_kwargs) -> tuple[list, list]:
     x = torch.from_numpy(x)
     inputs, outputs = [], []
     for t in timesteps:
         inp = sched.scale_model_input(x, t)
         eps = torch.from_numpy(fake_denoiser(inp.numpy(), float(t)))
-        x = sched.step(eps, t, x).prev_sample
+        x = sched.step(eps, t, x, **step_kwargs).prev_sample
         inputs.append(inp.numpy())
         outputs.append(x.numpy())
     return inputs, outputs
@@ -110,7 +122,7 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def assert_trajectories_match(ours: tuple[list, list], ref: tuple[list, list], x_init: np.ndarray, what: str) -> None:
+def assert_trajectories_match(ours: tuple[list, list], ref: tuple[list, list], x_init: np.ndarray, what: str) -> float:
     """Every step's latents, and every scaled model input, agree.
 
     Tolerance for the latents after step i: max|a - b| <= RTOL * max|b| + ATOL_OPERAND * M_i, where
@@ -139,6 +151,7 @@ def assert_trajectories_match(ours: tuple[list, list], ref: tuple[list, list], x
             assert d <= RTOL, f"{what}: {kind} at step {i} differ by {d:.2e} (scaled max rel)"
     assert len(ours[1]) == len(ref[1])
     print(f"{what}: max scaled rel diff {worst:.2e} over {len(ref[1])} steps")
+    return worst
 
 
 def oracle_config(config: dict) -> dict:
@@ -148,26 +161,27 @@ def oracle_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in fixed_by_name}
 
 
-def check_generation(name: str, config: dict, steps: int, monkeypatch) -> None:
-    """txt2img: set_timesteps, z_T * init_noise_sigma, then every step on both sides."""
+def check_generation(name: str, config: dict, steps: int, monkeypatch, **step_kwargs) -> float:
+    """txt2img: set_timesteps, z_T * init_noise_sigma, then every step on both sides; returns the
+    largest scaled difference (see assert_trajectories_match)."""
     seed = 7
-    if name == "euler_a":
-        patch_ancestral_noise(monkeypatch, seed)
+    patch_noise(monkeypatch, name, seed)
     ours, ref = make_scheduler(name, config), diffusers_scheduler(name, oracle_config(config))
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
     if runs_off_the_end(ref):
         check_repeated_first_timestep(ours, ref)
-        return
+        return 0.0
     ref_sigma = float(ref.init_noise_sigma)
     assert abs(ours.init_noise_sigma - ref_sigma) <= 1e-6 * ref_sigma
     z = initial_latents()
     x_ours = z * np.float32(ours.init_noise_sigma)
     x_ref = (torch.from_numpy(z) * ref.init_noise_sigma).numpy()
     np.testing.assert_allclose(x_ours, x_ref, rtol=1e-6)
-    assert_trajectories_match(run_ours(ours, x_ours, ours.timesteps, seed),
-                              run_diffusers(ref, x_ref, ref.timesteps), x_ref, f"{name} {steps} steps")
+    return assert_trajectories_match(run_ours(ours, x_ours, ours.timesteps, seed, **step_kwargs),
+                                     run_diffusers(ref, x_ref, ref.timesteps, **step_kwargs), x_ref,
+                                     f"{name} {steps} steps {step_kwargs or ''}")
 
 
 def runs_off_the_end(ref) -> bool:
@@ -186,7 +200,7 @@ def check_repeated_first_timestep(ours, ref) -> None:
     assert len(xs) == len(ours.timesteps) and np.all(np.isfinite(xs[-1]))
 
 
-# -- the grid: 7 schedulers x 2 prediction types x 3 spacings x 7 step counts --------------------
+# -- the grid: every scheduler x 2 prediction types x 3 spacings x 7 step counts ----------------
 
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -283,6 +297,113 @@ def test_dpmpp_karras_squaredcos_truncates_timesteps(steps):
     check_repeated_first_timestep(ours, ref)
 
 
+# -- few-step samplers: LCM, TCD, and Turbo-style Euler ---------------------------------------
+
+FEW_STEPS = (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("steps", FEW_STEPS)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_eta_matches_diffusers(eta, prediction_type, steps, monkeypatch):
+    # eta = 0: deterministic, no draws; eta > 0: one draw per step but the last, the same noise on both sides
+    check_generation("tcd", dict(SD15, prediction_type=prediction_type), steps, monkeypatch, eta=eta)
+
+
+@pytest.mark.parametrize("steps", FEW_STEPS)
+@pytest.mark.parametrize("name,original", [("lcm", 25), ("lcm", 50), ("tcd", 50), ("tcd", 8)])
+def test_explicit_original_inference_steps_matches_diffusers(name, original, steps, monkeypatch):
+    # LCM: the explicit value replaces the config's; TCD: any explicit value spaces the grid over all
+    # 1000 training timesteps (diffusers' quirk), though it still bounds the step count
+    seed = 7
+    patch_noise(monkeypatch, name, seed)
+    ours, ref = make_scheduler(name, SD15), diffusers_scheduler(name, SD15)
+    ours.set_timesteps(steps, original_inference_steps=original)
+    ref.set_timesteps(steps, original_inference_steps=original)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+    z = initial_latents()
+    assert_trajectories_match(run_ours(ours, z, ours.timesteps, seed), run_diffusers(ref, z, ref.timesteps), z,
+                              f"{name} {steps} steps, original_inference_steps={original}")
+
+
+def test_consistency_grids():
+    # closed form: k = 1000 // 50 = 20, grid 19, 39, ..., 999; 4 steps take indices 0, 12, 25, 37 from the top
+    lcm, tcd = make_scheduler("lcm", {}), make_scheduler("tcd", {})
+    lcm.set_timesteps(4)
+    tcd.set_timesteps(4)
+    assert lcm.timesteps.tolist() == tcd.timesteps.tolist() == [999, 759, 499, 259]
+    tcd.set_timesteps(4, original_inference_steps=50)
+    assert tcd.timesteps.tolist() == [999, 749, 499, 249]
+    lcm.set_timesteps(1)
+    assert lcm.timesteps.tolist() == [999]
+    assert lcm.img2img_timesteps(2, 0.5).tolist() == [499, 259]  # grid 19, ..., 499 (25 entries)
+
+
+@pytest.mark.parametrize("steps", FEW_STEPS)
+@pytest.mark.parametrize("config", [{"timestep_scaling": 0.005, "original_inference_steps": 20},
+                                    dict(SD15, clip_sample=True, clip_sample_range=0.5, prediction_type="sample")],
+                         ids=["timestep_scaling", "clip_sample"])
+def test_lcm_config_keys_match_diffusers(config, steps, monkeypatch):
+    check_generation("lcm", config, steps, monkeypatch)
+
+
+def test_lcm_config_keys_change_the_result():
+    # the two cases above only test something if the keys change LCM's trajectory (c_skip is ~0 unless
+    # t * timestep_scaling is near sigma_data = 0.5: the default 10 only matters at t = 0)
+    z = initial_latents()
+    finals = []
+    for config in ({}, {"timestep_scaling": 0.005}, {"clip_sample": True, "clip_sample_range": 0.5}):
+        s = make_scheduler("lcm", config)
+        s.set_timesteps(4)
+        finals.append(run_ours(s, z, s.timesteps)[1][-1])
+    assert min(rel_diff(finals[1], finals[0]), rel_diff(finals[2], finals[0])) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_turbo_trailing_starts_at_the_last_training_timestep(name, steps):
+    # SD-Turbo's scheduler config: trailing spacing, so one step runs at t = 999 from z_T * sigma_max
+    config = dict(SD15, timestep_spacing="trailing")
+    ours, ref = make_scheduler(name, config), diffusers_scheduler(name, config)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert ours.timesteps[0] == 999 == ref.timesteps[0]
+    sigma_max = float(ours.train_sigmas[-1])
+    assert ours.init_noise_sigma == sigma_max == float(ours.sigmas[0])
+    assert abs(float(ref.init_noise_sigma) - sigma_max) <= 1e-6 * sigma_max
+
+
+class CountingGenerator:
+    """A numpy generator that counts the standard-normal arrays drawn from it."""
+
+    def __init__(self, seed: int):
+        self.rng, self.shapes = np.random.default_rng(seed), []
+
+    def standard_normal(self, shape, dtype=np.float64):
+        self.shapes.append(tuple(shape))
+        return self.rng.standard_normal(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("name,eta", [("euler_a", None), ("lcm", None), ("tcd", 0.3), ("tcd", 0.0)])
+def test_noise_draws_match_diffusers(name, eta, steps, monkeypatch):
+    # the stream advances exactly as diffusers': euler_a draws on every step, the last included (its
+    # sigma_up is 0 there); lcm and tcd (eta > 0) on every step but the last; tcd at eta 0 never
+    kw = {} if eta is None else {"eta": eta}
+    config = dict(SD15, timestep_spacing="trailing")
+    drawn = patch_noise(monkeypatch, name, 7)
+    ours, ref = make_scheduler(name, config), diffusers_scheduler(name, config)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    gen = CountingGenerator(7)
+    z = initial_latents()
+    for t in ours.timesteps:
+        z = ours.step(fake_denoiser(ours.scale_model_input(z, t), t), t, z, generator=gen, **kw)
+    run_diffusers(ref, initial_latents() * float(ref.init_noise_sigma), ref.timesteps, **kw)
+    expected = steps if name == "euler_a" else 0 if eta == 0.0 else steps - 1
+    assert gen.shapes == drawn == [(2, 4, 8, 8)] * expected
+
+
 # -- the schedule arrays ------------------------------------------------------------------------
 
 def test_linspace_f32_is_torch_linspace():
@@ -341,17 +462,37 @@ def diffusers_get_timesteps():
     return namespace["get_timesteps"]
 
 
-@pytest.mark.parametrize("steps,strength", [(10, 0.75), (25, 0.3), (25, 1.0)])
+def reference_img2img(name: str, ref, steps: int, strength: float):
+    """diffusers' img2img timesteps and step count: LatentConsistencyModelImg2ImgPipeline's for lcm
+    (strength cuts the distillation grid: set_timesteps(steps, strength=...)), else
+    StableDiffusionImg2ImgPipeline's (set_timesteps, then get_timesteps' tail and begin index)."""
+    if name == "lcm":
+        ref.set_timesteps(steps, strength=strength)
+        return ref.timesteps, steps
+    ref.set_timesteps(steps)
+    return diffusers_get_timesteps()(types.SimpleNamespace(scheduler=ref), steps, strength, "cpu")
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.75), (25, 0.3), (25, 1.0), (4, 0.5), (2, 0.1), (8, 0.9)])
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_img2img_matches_diffusers(name, steps, strength, monkeypatch):
-    """get_timesteps' tail, the begin index it sets, add_noise at the first kept step, then every step."""
+    """The img2img timesteps, the begin index, add_noise at the first kept step, then every step."""
     seed = 7
-    if name == "euler_a":
-        patch_ancestral_noise(monkeypatch, seed)
+    patch_noise(monkeypatch, name, seed)
     ours, ref = make_scheduler(name, SD15), diffusers_scheduler(name, SD15)
+    if name == "lcm" and steps > int(50 * strength):  # the cut grid is shorter than the steps: both refuse
+        with pytest.raises(ValueError, match=f"strength {strength} keeps"):
+            ours.img2img_timesteps(steps, strength)
+        with pytest.raises(ValueError):
+            reference_img2img(name, ref, steps, strength)
+        return
+    if name != "lcm" and int(steps * strength) == 0:  # no user step would run (diffusers: none, or PNDM's
+        with pytest.raises(ValueError, match="no denoising step would run"):  # repeated timestep alone)
+            ours.img2img_timesteps(steps, strength)
+        return
     ts = ours.img2img_timesteps(steps, strength)
-    ref.set_timesteps(steps)
-    ref_ts, _ = diffusers_get_timesteps()(types.SimpleNamespace(scheduler=ref), steps, strength, "cpu")
+    np.testing.assert_array_equal(ours.run_timesteps, ts)
+    ref_ts, _ = reference_img2img(name, ref, steps, strength)
     np.testing.assert_array_equal(ts, ref_ts.numpy().astype(np.float32))
     x0, noise = initial_latents(seed=1), initial_latents(seed=2)
     x_ours = ours.add_noise(x0, noise, ts[:1].repeat(2))
@@ -390,12 +531,22 @@ def progress_bar_steps(num_timesteps: int, num_inference_steps: int, order: int)
 def test_user_steps_are_diffusers_progress_steps(name, spacing, steps):
     config = dict(SD15, timestep_spacing=spacing)
     ours, ref = make_scheduler(name, config), diffusers_scheduler(name, oracle_config(config))
+    if name in CONSISTENCY and steps > 50:  # more than original_inference_steps: both refuse
+        with pytest.raises(ValueError, match="num_inference_steps=61 is more than original_inference_steps=50"):
+            ours.set_timesteps(steps)
+        with pytest.raises(ValueError):
+            ref.set_timesteps(steps)
+        return
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     np.testing.assert_array_equal(ours.user_steps, progress_bar_steps(len(ref.timesteps), steps, ref.order))
-    # img2img: the tail get_timesteps keeps, with the step count it returns
+    # img2img: the timesteps diffusers' img2img pipeline runs, with the step count it shows
+    if name != "lcm" and int(steps * 0.6) == 0:
+        with pytest.raises(ValueError, match="no denoising step would run"):
+            ours.img2img_timesteps(steps, 0.6)
+        return
     ours.img2img_timesteps(steps, 0.6)
-    ref_ts, ref_steps = diffusers_get_timesteps()(types.SimpleNamespace(scheduler=ref), steps, 0.6, "cpu")
+    ref_ts, ref_steps = reference_img2img(name, ref, steps, 0.6)
     np.testing.assert_array_equal(ours.user_steps, progress_bar_steps(len(ref_ts), ref_steps, ref.order))
 
 
@@ -412,6 +563,7 @@ def test_unknown_name_lists_valid_names():
     ("beta_schedule", "foo"), ("prediction_type", "bar"), ("timestep_spacing", "middle"),
     ("final_sigmas_type", "max"), ("interpolation_type", "cubic"), ("clip_sample", "yes"),
     ("num_train_timesteps", 0), ("steps_offset", -1), ("beta_start", "small"),
+    ("original_inference_steps", 0), ("timestep_scaling", "big"),
 ])
 def test_bad_config_value_names_key_and_value(name, key, value):
     with pytest.raises(ValueError) as e:
@@ -426,6 +578,7 @@ def test_bad_config_value_names_key_and_value(name, key, value):
     ("dpmpp_2m", "variance_type", "learned_range"),
     ("unipc", "use_flow_sigmas", True),
     ("euler", "timestep_type", "continuous"),
+    ("lcm", "thresholding", True),
 ])
 def test_unsupported_value_for_this_scheduler_raises(name, key, value):
     with pytest.raises(ValueError) as e:
@@ -444,6 +597,36 @@ def test_keys_of_other_classes_are_ignored(name):
     z = initial_latents()
     assert_trajectories_match(run_ours(ours, z, ours.timesteps), run_diffusers(ref, z, ref.timesteps), z,
                               f"{name} with foreign keys")
+
+
+@pytest.mark.parametrize("name", CONSISTENCY)
+def test_more_steps_than_original_inference_steps_are_refused(name):
+    s = make_scheduler(name, dict(SD15, original_inference_steps=8))
+    with pytest.raises(ValueError, match=r"num_inference_steps=9 is more than original_inference_steps=8"):
+        s.set_timesteps(9)
+    with pytest.raises(ValueError, match=r"original_inference_steps=1001 is more than num_train_timesteps=1000"):
+        s.set_timesteps(4, original_inference_steps=1001)
+    s.set_timesteps(8)
+    assert len(s.timesteps) == 8
+
+
+def test_eta_is_taken_by_tcd_only():
+    tcd = make_scheduler("tcd", SD15)
+    assert tcd.step_kwargs(0.5) == {"eta": 0.5} and tcd.step_kwargs(0) == {"eta": 0.0}
+    for bad in (-0.1, 1.5, "0.3", None, True, float("nan")):
+        with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got"):
+            tcd.step_kwargs(bad)
+    tcd.set_timesteps(2)
+    x = initial_latents()
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 1.5"):
+        tcd.step(x, tcd.timesteps[0], x, eta=1.5)
+    for name in SCHEDULERS:
+        if name != "tcd":
+            s = make_scheduler(name, SD15)
+            assert s.step_kwargs(0.0) == {}
+            message = "deterministic DDIM" if name == "ddim" else f"scheduler '{name}' takes no eta"
+            with pytest.raises(ValueError, match=message):
+                s.step_kwargs(0.2)
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)

@@ -270,8 +270,9 @@ def test_bad_files_and_tokens(tmp_path):
     with pytest.raises(ValueError, match=r"bad.txt:3"):
         CLIPTokenizer(vocab, tmp_path / "bad.txt")
     (tmp_path / "oov.txt").write_text("#version: 0.2\ni n\nqqqq zzzz\n", "utf-8")
-    with pytest.raises(ValueError, match=r"oov.txt:3.*qqqq"):
+    with pytest.raises(ValueError, match=r"oov.txt:3: .*not in the vocab") as e:  # the line, never its text
         CLIPTokenizer(vocab, tmp_path / "oov.txt")
+    assert "qqqq" not in str(e.value)
     with pytest.raises(ValueError, match="<pad-not-there>"):
         clip(pad_token="<pad-not-there>")
 

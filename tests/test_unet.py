@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from ldm_runtime.guidance import guidance_scale_embedding
 from training.models.unet import UNet, UNetConfig, UnsupportedConfigError, timestep_embedding
 
 TOL = 1e-4
@@ -116,6 +117,61 @@ def test_parity_with_diffusers(name: str, tmp_path) -> None:
         assert diff <= TOL
 
 
+def test_lcm_guidance_embedding_parity_with_diffusers(tmp_path) -> None:
+    # an LCM-distilled U-Net: the guidance embedding enters through cond_proj before linear_1;
+    # odd latent size, two rows with different guidance scales
+    d = dict(TINY["sd15_like"][0], time_cond_proj_dim=24)
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**d).eval()
+    randomize_(ref, seed=6)
+    ref.save_config(tmp_path)
+    cfg = UNetConfig.from_diffusers(json.loads((tmp_path / "config.json").read_text()))
+    assert cfg.time_cond_proj_dim == 24 and cfg.to_diffusers()["time_cond_proj_dim"] == 24
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(7)
+    x, c = torch.randn(2, 4, 9, 13, generator=g), torch.randn(2, 11, 32, generator=g)
+    t = torch.tensor([999.0, 259.0])
+    cond = torch.from_numpy(guidance_scale_embedding(np.array([8.0, 1.5]), 24))
+    with torch.no_grad():
+        want = ref(x, t, c, timestep_cond=cond).sample
+        got = ours(x, t, c, timestep_cond=cond)
+        other = ours(x, t, c, timestep_cond=torch.from_numpy(guidance_scale_embedding(np.array([2.0, 1.5]), 24)))
+    diff = (got - want).abs().max().item()
+    moved = (other[0] - got[0]).abs().max().item()
+    print(f"lcm unet 9x13: max abs diff {diff:.2e} (output std {want.std():.3f}); scale 8 -> 2 moves row 0 "
+          f"by {moved:.2e}")
+    assert want.std() > 0.05 and moved > 1e-3  # the embedding reaches the output
+    assert diff <= TOL
+    with pytest.raises(ValueError, match=r"timestep_cond \(the guidance embedding\) must be \(B, 24\)"):
+        ours(x, t, c)
+    with pytest.raises(ValueError, match="has no time_cond_proj_dim"):
+        _tiny()(x[:, :, :6, :6], t, torch.randn(2, 5, 16), timestep_cond=cond)
+    with pytest.raises(ValueError, match="time_cond_proj_dim must be a positive int"):
+        UNetConfig(time_cond_proj_dim=0)
+
+
+@pytest.mark.parametrize("dim", [32, 33, 256, 320])
+def test_guidance_scale_embedding_matches_diffusers(dim: int) -> None:
+    # numpy rounds each float64 frequency once; torch's float32 exp is off by one ulp at a few
+    # near-halfway frequencies (none for dims 32, 33, 320; 4 of 128 for 256). That ulp, and the
+    # float32 rounding of the product it moves, shift an argument 1000 * w * f by at most
+    # 1000 * w * 2**-22 (frequencies f <= 1), and the sine by no more.
+    from diffusers import LatentConsistencyModelPipeline
+    worst = 0.0
+    for s in [0.5, 1.0, 1.3, 2.0, 7.5, 8.0, 15.25]:  # as diffusers' LCM pipeline builds it: one scale per batch
+        want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+            None, torch.tensor(s - 1).repeat(3), embedding_dim=dim).numpy()
+        got = guidance_scale_embedding(np.full(3, s), dim)
+        assert got.dtype == np.float32 and got.shape == want.shape == (3, dim)
+        diff = float(np.abs(got - want).max())
+        ulp_bound = 1000 * abs(s - 1) * 2.0 ** -22 if dim == 256 else 0.0
+        assert diff <= 1e-6 + ulp_bound, (s, diff)
+        worst = max(worst, diff)
+    assert guidance_scale_embedding(7.5, dim).shape == (1, dim)
+    print(f"guidance embedding dim={dim}: max abs diff {worst:.2e} against diffusers")
+
+
 @pytest.mark.parametrize("d,expected", [(SD15, 859_520_964), (SD21, None)], ids=["sd15", "sd21"])
 def test_full_configs_match_diffusers_on_meta(d: dict, expected: int | None) -> None:
     cfg = UNetConfig.from_diffusers(d)
@@ -168,7 +224,7 @@ def _sdxl_like() -> dict:
 
 BAD = [
     ("class_embed_type", "timestep"), ("num_class_embeds", 10), ("addition_embed_type", "text"),
-    ("encoder_hid_dim", 768), ("encoder_hid_dim_type", "text_proj"), ("time_cond_proj_dim", 256),
+    ("encoder_hid_dim", 768), ("encoder_hid_dim_type", "text_proj"),
     ("projection_class_embeddings_input_dim", 2816), ("dual_cross_attention", True),
     ("only_cross_attention", True), ("only_cross_attention", [False, True, False, False]),
     ("resnet_time_scale_shift", "scale_shift"), ("time_embedding_type", "fourier"), ("act_fn", "gelu"),

@@ -11,9 +11,10 @@ Our checkpoint folder::
       scheduler/scheduler_config.json   diffusers keys, with "_class_name"
 
 A diffusers pipeline folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/
-scheduler/``) loads into the same models: its configs are mapped to ours (unsupported features
-are refused by the config mappers) and its weights load by name, since our parameter names are
-diffusers'/transformers' own. Weights are read from safetensors only; nothing is unpickled.
+scheduler/``; a ``StableDiffusionPipeline`` or a ``LatentConsistencyModelPipeline``, whose U-Net
+takes a guidance embedding) loads into the same models: its configs are mapped to ours
+(unsupported features are refused by the config mappers) and its weights load by name, since our
+parameter names are diffusers'/transformers' own. Weights are read from safetensors only; nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -277,10 +278,13 @@ def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
     else:
         h = w = int(sample_size)
     f = vae_cfg.spatial_factor
+    scheduler_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    if index.get("_class_name") != "LatentConsistencyModelPipeline":  # its __init__ leaves the config as is
+        scheduler_cfg = _sd_scheduler_fixups(scheduler_cfg)
     return LatentDiffusion(
         unet=unet, vae=vae, text_encoder=text,
         tokenizer_dir=_tokenizer_dir(root / "tokenizer"), tokenizer_config=_tokenizer_config(root / "tokenizer"),
-        scheduler_config=_sd_scheduler_fixups(_read_json(root / "scheduler" / "scheduler_config.json")),
+        scheduler_config=scheduler_cfg,
         default_size=(h * f, w * f), source_kind="diffusers",
     )
 

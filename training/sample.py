@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ldm_runtime.guidance import negative_prompts
+from ldm_runtime.guidance import guidance_scale_embedding, negative_prompts
 from ldm_runtime.images import preprocess, save_png
 from ldm_runtime.schedulers import make_scheduler
 from ldm_runtime.tokenizer import CLIPTokenizer
@@ -42,10 +42,23 @@ def encode_prompt(models: LatentDiffusion, tokenizer: CLIPTokenizer, prompts: li
     return models.text_encoder(ids).repeat_interleave(n, dim=0)
 
 
+def guidance_embedding_dim(unet: torch.nn.Module) -> int | None:
+    """The width of an LCM-distilled U-Net's guidance embedding; None for a U-Net guided by CFG (also for a
+    stand-in module without a config, as tests use)."""
+    return getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
+
+
 @torch.no_grad()
 def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: Any, cond: torch.Tensor, guidance_scale: float,
                guidance_rescale: float) -> torch.Tensor:
-    """One U-Net call; with guidance on the [uncond; cond] batch, combined and optionally rescaled (Lin et al. 2023)."""
+    """One U-Net call; with guidance on the [uncond; cond] batch, combined and optionally rescaled (Lin et al. 2023).
+
+    An LCM-distilled U-Net (``time_cond_proj_dim``) takes the scale as its guidance embedding instead.
+    """
+    dim = guidance_embedding_dim(unet)
+    if dim is not None:
+        w = torch.from_numpy(guidance_scale_embedding(np.full(x.shape[0], guidance_scale), dim))
+        return unet(x, torch.full((x.shape[0],), float(t)), cond, timestep_cond=w)
     if guidance_scale <= 1.0:
         return unet(x, torch.full((x.shape[0],), float(t)), cond)
     x2 = torch.cat([x, x])
@@ -60,11 +73,12 @@ def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: Any, cond: torch.Tenso
 
 def _sample_loop(models: LatentDiffusion, sched: Any, timesteps: np.ndarray, z: np.ndarray, cond: torch.Tensor,
                  guidance_scale: float, guidance_rescale: float, rng: np.random.Generator,
-                 callback: Callback | None) -> np.ndarray:
+                 callback: Callback | None, eta: float) -> np.ndarray:
+    step_kwargs = sched.step_kwargs(eta)  # tcd's eta; ValueError for a non-zero eta elsewhere
     for i, t in enumerate(timesteps):
         x = torch.from_numpy(np.ascontiguousarray(sched.scale_model_input(z, t), dtype=np.float32))
         eps = guided_eps(models.unet, x, t, cond, guidance_scale, guidance_rescale)
-        z = np.asarray(sched.step(eps.numpy(), t, z, generator=rng), dtype=np.float32)
+        z = np.asarray(sched.step(eps.numpy(), t, z, generator=rng, **step_kwargs), dtype=np.float32)
         if callback is not None:
             callback(i, t, z)
     return z
@@ -87,7 +101,7 @@ def _setup(models, prompt, negative_prompt, num_inference_steps, guidance_scale,
         raise ValueError("prompt is an empty list")
     tok = tokenizer_for(models)
     cond = encode_prompt(models, tok, prompts, num_images_per_prompt)
-    if guidance_scale > 1.0:
+    if guidance_scale > 1.0 and guidance_embedding_dim(models.unet) is None:  # LCM: no unconditional pass
         neg = encode_prompt(models, tok, negative_prompts(negative_prompt, len(prompts)), num_images_per_prompt)
         cond = torch.cat([neg, cond])
     sched = make_scheduler(scheduler or models.scheduler_name, models.scheduler_config)
@@ -109,6 +123,7 @@ def sample(
     seed: int | None = None,
     latents: np.ndarray | None = None,
     callback: Callback | None = None,
+    eta: float = 0.0,
 ) -> np.ndarray:
     """Text to image with the torch models; float32 (B, H, W, 3) in [0, 1]. Arguments as ``ldm_runtime.Pipeline``."""
     prompts, cond, sched = _setup(models, prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
@@ -123,7 +138,7 @@ def sample(
     elif latents.shape != shape:
         raise ValueError(f"latents must have shape {shape}, got {latents.shape}")
     z = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-    z = _sample_loop(models, sched, sched.timesteps, z, cond, guidance_scale, guidance_rescale, rng, callback)
+    z = _sample_loop(models, sched, sched.timesteps, z, cond, guidance_scale, guidance_rescale, rng, callback, eta)
     return _decode(models, z)
 
 
@@ -141,6 +156,7 @@ def sample_img2img(
     num_images_per_prompt: int = 1,
     seed: int | None = None,
     callback: Callback | None = None,
+    eta: float = 0.0,
 ) -> np.ndarray:
     """Image to image (SDEdit) with the torch models; arguments and draws as ``ldm_runtime.Img2ImgPipeline``."""
     prompts, cond, sched = _setup(models, prompt, negative_prompt, num_inference_steps, guidance_scale, scheduler,
@@ -159,7 +175,7 @@ def sample_img2img(
     z0 = np.repeat(z0, batch // z0.shape[0], axis=0)
     noise = rng.standard_normal(z0.shape, dtype=np.float32)
     z = np.asarray(sched.add_noise(z0, noise, timesteps[:1]), dtype=np.float32)
-    z = _sample_loop(models, sched, timesteps, z, cond, guidance_scale, guidance_rescale, rng, callback)
+    z = _sample_loop(models, sched, timesteps, z, cond, guidance_scale, guidance_rescale, rng, callback, eta)
     return _decode(models, z)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..manifest import BundleError, Manifest, TensorSpec
 from .base import check_feeds
+from .onnx_wire import WireError, external_data_locations
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,18 @@ class OnnxRuntimeEngine:
     Feeds must already have the declared dtypes (the pipeline casts them); they are checked, not cast.
     """
 
-    def __init__(self, path: str | os.PathLike, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                 name: str | None = None, device: str = "cpu", options: OrtOptions = OrtOptions()):
-        self.name = name or Path(path).stem
+    def __init__(self, path: str | os.PathLike | bytes, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...], name: str | None = None, device: str = "cpu",
+                 options: OrtOptions = OrtOptions(), external_data: Mapping[str, bytes] | None = None):
+        """``path``: the model file, or its bytes (then ``external_data``: its data files' bytes by location)."""
+        self.name = name or ("model" if isinstance(path, bytes) else Path(path).stem)
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.device = device
         self.device_id = options.device_id
-        self.session = open_session(path, session_options(options, self.name), device, options.device_id)
-        declared = {i.name for i in self.session.get_inputs()}
-        wanted = {s.name for s in self.inputs}
-        if declared != wanted:
-            raise BundleError(f"{path}: ONNX inputs {sorted(declared)} do not match the manifest's {sorted(wanted)}")
+        self.session = open_session(path, session_options(options, self.name), device, options.device_id,
+                                    external_data)
+        check_graph(self.name, self.session, self.inputs, self.outputs)
         self._output_names = [o.name for o in self.outputs]
         self._checked: tuple | None = None  # signature of the last feeds that passed check_feeds
 
@@ -101,12 +102,21 @@ class OnnxRuntimeEngine:
     def from_manifest(cls, manifest: Manifest, component: str, device: str = "cpu",
                       options: OrtOptions = OrtOptions()) -> "OnnxRuntimeEngine":
         """Open ``component``; on the CPU its ``cpu_variant`` graph when the bundle has one and
-        ``options.cpu_variant`` is true."""
+        ``options.cpu_variant`` is true.
+
+        The session opens from verified bytes: the graph and each external data file are read once,
+        checked against the manifest's ``files`` and handed to onnxruntime from memory, so a file
+        changed on disk after ``Pipeline.load`` is refused, never run. The graph may name only the
+        external data files its manifest entry declares.
+        """
         info = manifest.component(component)
         variant = info.extra.get("cpu_variant") or {}
         use = device == "cpu" and options.cpu_variant and variant.get("file")
-        path = manifest.path(variant["file"] if use else info.file)
-        return cls(path, info.inputs, info.outputs, name=component, device=device, options=options)
+        entry, where = (variant, f"components.{component}.cpu_variant") if use else (info.extra, f"components.{component}")
+        model = manifest.read_verified(variant["file"] if use else info.file, field=f"{where}.file")
+        data = read_external_data(manifest, model, entry.get("external_data") or [], where)
+        return cls(model, info.inputs, info.outputs, name=component, device=device, options=options,
+                   external_data=data)
 
     def to_device(self, arr: np.ndarray):
         """Copy ``arr`` to this engine's device once; the result can be fed to ``run`` repeatedly."""
@@ -139,19 +149,50 @@ class OnnxRuntimeEngine:
 
 # -- sessions ----------------------------------------------------------------------------------------
 
-def open_session(path: str | os.PathLike, so: Any, device: str, device_id: int = 0):
-    """An ``InferenceSession`` on ``device``; on "cuda" one that really runs on the CUDA provider, or an error."""
+def read_external_data(manifest: Manifest, model: bytes, declared: list[str], where: str) -> dict[str, bytes]:
+    """The verified bytes of every external data file ``model`` names, by location.
+
+    Each location the graph names must be one of ``declared`` (the manifest's ``where.external_data``);
+    each declared file is read through ``Manifest.read_verified``.
+    """
+    if not isinstance(declared, list):
+        raise BundleError(f"{manifest.root}: manifest field {where}.external_data: expected a list of file names, "
+                          f"got {type(declared).__name__}")
+    try:
+        named = external_data_locations(model)
+    except WireError as e:
+        raise BundleError(f"{manifest.root}: {where}.file is not a valid ONNX model ({e})") from None
+    undeclared = [loc for loc in named if loc not in declared]
+    if undeclared:
+        shown = ", ".join(repr(loc[:100]) for loc in undeclared[:3])
+        raise BundleError(f"{manifest.root}: the graph of {where} reads external data {shown}, which its "
+                          f"manifest field {where}.external_data {declared!r} does not declare")
+    return {rel: manifest.read_verified(rel, field=f"{where}.external_data[{i}]") for i, rel in enumerate(declared)
+            if rel in named}
+
+
+def open_session(path: str | os.PathLike | bytes, so: Any, device: str, device_id: int = 0,
+                 external_data: Mapping[str, bytes] | None = None):
+    """An ``InferenceSession`` on ``device``; on "cuda" one that really runs on the CUDA provider, or an error.
+
+    ``external_data``: for a model given as bytes, its external data files' bytes by location.
+    """
     import onnxruntime as ort
 
+    if external_data:
+        names = list(external_data)
+        so.add_external_initializers_from_files_in_memory(
+            names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
+    model = path if isinstance(path, bytes) else str(path)
     if device == "cpu":
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
     if device != "cuda":
         raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise RuntimeError("device 'cuda' needs onnxruntime-gpu (pip install 'ldm-runtime[gpu]'); "
                            f"this onnxruntime has providers {ort.get_available_providers()}")
     preload_report = preload_cuda_libraries()
-    session = ort.InferenceSession(str(path), sess_options=so,
+    session = ort.InferenceSession(model, sess_options=so,
                                    providers=[(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"])
     require_cuda_provider(session, preload_report)
     return session
@@ -216,6 +257,32 @@ def _preload(preload: Any) -> str:
     if report:
         log.info("onnxruntime.preload_dlls: %s", report)
     return report
+
+
+def check_graph(component: str, session: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+    """The manifest's tensors against the opened graph's: the same input names (outputs: a subset),
+    dtypes, ranks, and fixed dimensions where the graph's are fixed (symbolic ones may be named
+    differently); a ``BundleError`` naming the manifest field otherwise."""
+    for kind, specs, args in (("inputs", inputs, session.get_inputs()), ("outputs", outputs, session.get_outputs())):
+        graph = {a.name: a for a in args}
+        declared = {s.name for s in specs}
+        if declared - set(graph) or (kind == "inputs" and set(graph) - declared):
+            raise BundleError(f"{component}: manifest field components.{component}.{kind} names {sorted(declared)}; "
+                              f"the graph's {kind} are {sorted(graph)}")
+        for i, spec in enumerate(specs):
+            _check_tensor(f"components.{component}.{kind}[{i}]", spec, graph[spec.name])
+
+
+def _check_tensor(field: str, spec: TensorSpec, arg: Any) -> None:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None or np.dtype(dtype).name != spec.dtype:
+        raise BundleError(f"manifest field {field}.dtype: {spec.name!r} is {spec.dtype!r} in the manifest, "
+                          f"{arg.type} in the graph")
+    shape = list(arg.shape)  # symbolic dimensions: str or None
+    differ = any(g != m if isinstance(g, int) else isinstance(m, int) for g, m in zip(shape, spec.shape))
+    if len(shape) != len(spec.shape) or differ:
+        raise BundleError(f"manifest field {field}.shape: {spec.name!r} is {list(spec.shape)} in the manifest, "
+                          f"{shape} in the graph")
 
 
 class _ShapeDtype:

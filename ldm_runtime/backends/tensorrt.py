@@ -350,15 +350,10 @@ class TensorRTEngine:
         if rec.get("gpu_name") and rec["gpu_name"] != gpu.name:
             log.warning("%s: plan %s was built on %s, running on %s (same compute capability; "
                         "tactics may be slower)", component, key, rec["gpu_name"], gpu.name)
-        path = manifest.path(str(rec["file"]))
-        try:
-            plan = path.read_bytes()
-        except OSError as e:
-            raise BundleError(f"{component}: cannot read TensorRT plan {path}: {e}") from None
-        digest = hashlib.sha256(plan).hexdigest()
-        if digest != rec.get("sha256"):
-            raise BundleError(f"{path}: sha256 mismatch: manifest says {str(rec.get('sha256'))[:16]}..., "
-                              f"file is {digest[:16]}...")
+        plan = manifest.read_verified(rec.get("file", ""), field=f"engines.{key}.file")  # checked against files
+        if rec.get("sha256") != manifest.file_record(rec["file"])["sha256"]:
+            raise BundleError(f"{manifest.root}: manifest field engines.{key}.sha256 disagrees with the plan's "
+                              f"files entry {rec['file']!r}")
         return cls(plan, component, info.inputs, info.outputs, memory_pool=memory_pool, use_cuda_graph=use_cuda_graph)
 
     # -- setup helpers -------------------------------------------------------------------------------

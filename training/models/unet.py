@@ -47,6 +47,7 @@ class UNetConfig:
     upcast_attention: bool = False  # attention in fp32 when the model runs in fp16/bf16
     dropout: float = 0.0  # in the resnets, as diffusers applies it
     sample_size: int | tuple[int, int] | None = None  # default latent size; metadata only
+    time_cond_proj_dim: int | None = None  # LCM guidance embedding width (`timestep_cond`); None: no input
     gradient_checkpointing: bool = False  # training option: recompute blocks in backward
 
     def __post_init__(self) -> None:
@@ -105,6 +106,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.time_cond_proj_dim is not None:
+            positive_int("time_cond_proj_dim", self.time_cond_proj_dim)
 
     def heads_per_level(self) -> tuple[int, ...]:
         """Attention heads at each level (the mid block uses the last one)."""
@@ -196,6 +199,7 @@ class UNetConfig:
                 norm_eps=float(get("norm_eps")), flip_sin_to_cos=bool(get("flip_sin_to_cos")),
                 freq_shift=get("freq_shift"), upcast_attention=bool(get("upcast_attention")),
                 dropout=float(get("dropout")), sample_size=get("sample_size"),
+                time_cond_proj_dim=get("time_cond_proj_dim"),
             )
         except ValueError as e:
             raise UnsupportedConfigError(f"diffusers UNet config does not make a valid UNetConfig: {e}") from e
@@ -233,6 +237,7 @@ class UNetConfig:
             "conv_in_kernel": 3,
             "conv_out_kernel": 3,
             "attention_type": "default",
+            "time_cond_proj_dim": self.time_cond_proj_dim,
         }
 
 
@@ -280,7 +285,6 @@ _DIFFUSERS_CHECKS: list[tuple[str, Any, str]] = [
     ("addition_time_embed_dim", _is_none, "added (SDXL-style) time embeddings are not implemented"),
     ("encoder_hid_dim", _is_none, "an encoder hidden-state projection is not implemented"),
     ("encoder_hid_dim_type", _is_none, "an encoder hidden-state projection is not implemented"),
-    ("time_cond_proj_dim", _is_none, "timestep conditioning projection is not implemented"),
     ("time_embedding_dim", _is_none, "the time embedding width is fixed at 4 * block_out_channels[0]"),
     ("time_embedding_act_fn", _is_none, "an activation after the time embedding is not implemented"),
     ("timestep_post_act", _is_none, "a post-activation in the time embedding is not implemented"),
@@ -334,12 +338,18 @@ def _run(fn: nn.Module, *args: torch.Tensor, ckpt: bool) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    """MLP on the sinusoidal timestep embedding; with `cond_dim`, a bias-free projection of a
+    condition (LCM's guidance embedding) is added to its input first."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_proj is not None:
+            x = x + self.cond_proj(cond)  # (B, cond_dim) -> (B, in_dim)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -554,7 +564,7 @@ class UNet(nn.Module):
         ch, heads, n = cfg.block_out_channels, cfg.heads_per_level(), len(cfg.block_out_channels)
         temb_dim = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_dim, cfg.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], temb_dim, cfg.attention[i], heads[i], i < n - 1, cfg)
             for i in range(n))
@@ -570,7 +580,8 @@ class UNet(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _check_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> None:
+    def _check_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                      timestep_cond: torch.Tensor | None) -> None:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
@@ -581,24 +592,33 @@ class UNet(nn.Module):
         if timestep.ndim > 1 or timestep.numel() not in (1, sample.shape[0]):
             raise ValueError(f"timestep must be 0-dim, (1,) or (B,)=({sample.shape[0]},), "
                              f"got {tuple(timestep.shape)}")
+        dim = cfg.time_cond_proj_dim
+        if dim is None and timestep_cond is not None:
+            raise ValueError("timestep_cond was given, but this UNet has no time_cond_proj_dim (it takes no "
+                             "guidance embedding)")
+        if dim is not None and (timestep_cond is None or tuple(timestep_cond.shape) != (b, dim)):
+            got = None if timestep_cond is None else tuple(timestep_cond.shape)
+            raise ValueError(f"timestep_cond (the guidance embedding) must be (B, {dim}) with B={b}, got {got}")
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in `sample`.
 
         sample: (B, in_channels, h, w) noisy latents; any h, w >= 1.
         timestep: (B,) or 0-dim float tensor (a scalar broadcasts over the batch); fractional ok.
         encoder_hidden_states: (B, L, cross_attention_dim) text embeddings.
+        timestep_cond: (B, time_cond_proj_dim), required exactly when the config sets that key: the
+            guidance embedding of an LCM-distilled model (`ldm_runtime.guidance.guidance_scale_embedding`).
         Returns (B, out_channels, h, w).
         """
         cfg = self.config
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
         if not torch.jit.is_tracing():  # under the ONNX tracer sizes are tensors; checks would warn
-            self._check_inputs(sample, timestep, encoder_hidden_states)
+            self._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond)
         t = timestep.reshape(-1).expand(sample.shape[0])  # broadcast a scalar; (B,)
-        emb = self.time_embedding(
-            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(sample.dtype))
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype), timestep_cond)
         temb = F.silu(emb)  # every resnet applies SiLU before its projection; do it once
         ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
 

@@ -1,0 +1,119 @@
+"""``ldm verify BUNDLE``: check a whole bundle and print one line per problem; exit 0 only if clean.
+
+What it checks: the manifest (everything ``Manifest.load`` validates); every file in ``files``
+(inside the bundle, size, sha256); that every file a field names (graphs of every component and
+variant, their external data, the tokenizer, TensorRT plans) is listed there; that the tokenizer
+parses; and that each ONNX graph (portable and CPU variant) opens on onnxruntime's CPU with the
+inputs and outputs the manifest declares (names, dtypes, ranks: the checks an engine makes when it
+opens). TensorRT plans are checked as files only (they need their GPU to open).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable
+
+from .backends import require_onnxruntime
+from .backends.onnxruntime import OrtOptions, check_graph, open_session, read_external_data, session_options
+from .cliargs import ArgumentParser, UsageError, one_line
+from .manifest import COMPONENTS, BundleError, Manifest
+from .pipeline import graph_files, load_tokenizer
+
+
+def verify_bundle(bundle: str) -> list[str]:
+    """Every problem found in ``bundle``, one message each; empty when it is clean."""
+    try:
+        manifest = Manifest.load(bundle, verify=False)
+    except BundleError as e:
+        return [one_line(e)]
+    problems = [*_file_problems(manifest), *_reference_problems(manifest)]
+    if not problems:  # parsing and opening read only files that passed above
+        problems += [*_tokenizer_problems(manifest), *_graph_problems(manifest)]
+    return list(dict.fromkeys(problems))
+
+
+def _checks(checks: Iterable[Callable[[], Any]]) -> list[str]:
+    """Run each check; the errors it raises (``BundleError``, a tokenizer's ``ValueError``), one line each."""
+    out = []
+    for check in checks:
+        try:
+            check()
+        except (BundleError, ValueError) as e:
+            out.append(one_line(e))
+    return out
+
+
+def _file_problems(m: Manifest) -> list[str]:
+    files = m.data.get("files")
+    if not isinstance(files, dict):
+        return [f"{m.root}: manifest field files: expected an object file -> {{sha256, bytes}}"]
+    return _checks(lambda rel=rel: m.verify_files([rel]) for rel in files)
+
+
+def _referenced(m: Manifest) -> list[tuple[Any, str]]:
+    """(file, manifest field) of every file a field of the manifest names."""
+    tok = m.data.get("tokenizer") or {}
+    refs = [(tok.get(k), f"tokenizer.{k}") for k in ("vocab", "merges")]
+    for comp in m.data["components"]:
+        refs += graph_files(m, comp, cpu_variant=False) + graph_files(m, comp, cpu_variant=True)
+    for key, rec in (m.data.get("engines") or {}).items():
+        refs.append((rec.get("file") if isinstance(rec, dict) else None, f"engines.{key}.file"))
+    return list(dict.fromkeys(refs))
+
+
+def _reference_problems(m: Manifest) -> list[str]:
+    def check(rel: Any, field: str) -> None:
+        m.path(rel, field=field)
+        m.file_record(rel)
+
+    return _checks(lambda rel=rel, field=field: check(rel, field) for rel, field in _referenced(m))
+
+
+def _tokenizer_problems(m: Manifest) -> list[str]:
+    return _checks([lambda: load_tokenizer(m)])
+
+
+def _graph_problems(m: Manifest) -> list[str]:
+    """Each ONNX graph (portable and CPU variant) opened on onnxruntime CPU from its verified bytes and
+    checked against the manifest as an engine open checks it (``onnxruntime.check_graph``)."""
+    problems = []
+    for comp in (c for c in COMPONENTS if c in m.data["components"]):
+        info = m.component(comp)
+        variant = info.extra.get("cpu_variant") or {}
+        graphs = [(info.file, info.extra, f"components.{comp}")]
+        if variant.get("file"):
+            graphs.append((variant["file"], variant, f"components.{comp}.cpu_variant"))
+        for rel, entry, where in graphs:
+            try:
+                check_graph(comp, _session(m, rel, entry, where, comp), info.inputs, info.outputs)
+            except BundleError as e:
+                problems.append(f"{m.root}: {where}.file {rel!r}: {one_line(e)}")
+    return problems
+
+
+def _session(m: Manifest, rel: str, entry: dict, where: str, component: str) -> Any:
+    require_onnxruntime()
+    model = m.read_verified(rel, field=f"{where}.file")
+    data = read_external_data(m, model, entry.get("external_data") or [], where)
+    try:
+        return open_session(model, session_options(OrtOptions(threads=1, opt_level="disable"), component), "cpu",
+                            external_data=data)
+    except Exception as e:  # onnxruntime's own errors (its exception types are not exported)
+        raise BundleError(f"onnxruntime cannot open it: {one_line(e)[:300]}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="ldm verify", description="Check every file of a bundle, its manifest and graphs.")
+    parser.add_argument("bundle", help="bundle folder (with manifest.json)")
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"ldm verify: {e}", file=sys.stderr)
+        return 2
+    problems = verify_bundle(args.bundle)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"ldm verify: {len(problems)} problem(s) in {args.bundle}", file=sys.stderr)
+        return 2
+    print(f"{args.bundle}: ok")
+    return 0
