@@ -28,7 +28,7 @@ Schema (version 1)::
         },
         "text_encoder": {...}, "vae_decoder": {...}, "vae_encoder": {...}
       },
-      "latent": {"channels": 4, "scaling_factor": 0.18215, "vae_scale_factor": 8},
+      "latent": {"channels": 4, "scaling_factor": <float, the VAE's>, "vae_scale_factor": 8},
       "default_size": {"height": 512, "width": 512},
       "text": {"max_length": 77, "hidden_size": 768},
       "tokenizer": {"vocab": "tokenizer/vocab.json", "merges": "tokenizer/merges.txt",
