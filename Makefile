@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,train,export,dev]'
+	$(PIP) install -q -e '.[cpu,train,export,serve,ray,dev]'
 	$(PIP) install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 

@@ -184,9 +184,12 @@ def count_flops(model: Any, input_shapes: dict[str, tuple[int, ...]]) -> dict[st
 
 
 def unet_input_shapes(manifest: dict, height: int, width: int, batch: int) -> dict[str, tuple[int, ...]]:
-    f, c = manifest["latent"]["vae_scale_factor"], manifest["latent"]["channels"]
-    L, D = manifest["text"]["max_length"], manifest["text"]["hidden_size"]
-    return {"sample": (batch, c, height // f, width // f), "timestep": (batch,), "encoder_hidden_states": (batch, L, D)}
+    """The U-Net's manifest inputs bound at ``batch`` rows and an image of ``height`` x ``width`` pixels."""
+    from ldm_runtime.manifest import ComponentInfo
+    from ldm_runtime.shapes import bind_shapes, size_dims
+
+    inputs = ComponentInfo.from_dict("unet", manifest["components"]["unet"]).inputs
+    return bind_shapes(inputs, B=batch, **size_dims(height, width, manifest["latent"]["vae_scale_factor"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,13 +259,12 @@ def unet_step_seconds(bundle: str, height: int, width: int, batch: int, threads:
     """Median seconds of one U-Net call through the runtime's own engine (onnxruntime CPU)."""
     from ldm_runtime.backends import engine_options, load_engine
     from ldm_runtime.manifest import Manifest
+    from ldm_runtime.shapes import random_feeds
 
     man = Manifest.load(bundle, verify=False)
     opts = {"opt_level": opt_level, **({"threads": threads} if threads else {})}
     eng = load_engine(man, "unet", "onnxruntime", "cpu", engine_options("onnxruntime", **opts))
-    rng = np.random.default_rng(0)
-    feeds = {k: (rng.standard_normal(s, dtype=np.float32) if k != "timestep" else np.full(s, 500.0, np.float32))
-             for k, s in unet_input_shapes(man.data, height, width, batch).items()}
+    feeds = random_feeds(eng.inputs, unet_input_shapes(man.data, height, width, batch), np.random.default_rng(0))
     eng.run(feeds)
     times = [_timed(lambda: eng.run(feeds)) for _ in range(repeats)]
     return float(np.median(times))

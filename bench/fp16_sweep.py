@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.fp16 import policy_for  # noqa: E402
-from export.onnx_export import export_onnx, ort_runner, parity_metrics, wrap  # noqa: E402
+from export.onnx_export import export_onnx, ort_runner, wrap  # noqa: E402
+from export.parity import parity_metrics  # noqa: E402
 from export.specs import component_spec, dims_from_models, sample_inputs  # noqa: E402
 
 log = logging.getLogger("fp16_sweep")
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                              args.decoder_fp32_tail, release)
             summary["components"][c]["sizes"] = [f"{h}x{w}" for h, w in sizes]
             (work / f"{c}.onnx").unlink(missing_ok=True)
-            (work / f"{c}.onnx.data").unlink(missing_ok=True)
+            (work / f"{c}.weights").unlink(missing_ok=True)
     text = json.dumps(summary, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -35,8 +35,8 @@ import numpy as np
 from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
 from bench.report import plot, to_markdown
 from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_sizes
-from ldm_runtime.guidance import guidance_scale_embedding
 from ldm_runtime.manifest import BundleError
+from ldm_runtime.shapes import bind_shapes, feed_ranges, random_feeds, size_dims
 from ldm_runtime.timing import EngineClock, instrument
 
 logger = logging.getLogger(__name__)
@@ -53,21 +53,18 @@ def _median(xs: list[float]) -> float:
 
 
 def component_feeds(pipe: Any, height: int, width: int, batch: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Random inputs of the right shapes for one call of each timed component."""
+    """Random inputs (``ldm_runtime.shapes``) for one call of each timed component: the text encoder on one
+    prompt, the U-Net at 2B and B rows, the VAE decoder at B."""
     rng = np.random.default_rng(seed)
-    c, f = pipe.latent_channels, pipe.vae_scale_factor
-    L, D = pipe.manifest.text_max_length, pipe.manifest.text_hidden_size
-    lat = lambda b: rng.standard_normal((b, c, height // f, width // f), dtype=np.float32)  # noqa: E731
-    dim = pipe.guidance_embedding_dim  # an LCM-distilled U-Net also takes the guidance embedding
-    cond = lambda b: {} if dim is None else {"timestep_cond": guidance_scale_embedding(np.full(b, 8.0), dim)}  # noqa: E731
-    return {
-        "text_encoder": {"input_ids": pipe.tokenizer([PROMPT])},
-        "unet_2B": {"sample": lat(2 * batch), "timestep": np.full((2 * batch,), 500.0, np.float32),
-                    "encoder_hidden_states": rng.standard_normal((2 * batch, L, D), dtype=np.float32), **cond(2 * batch)},
-        "unet_B": {"sample": lat(batch), "timestep": np.full((batch,), 500.0, np.float32),
-                   "encoder_hidden_states": rng.standard_normal((batch, L, D), dtype=np.float32), **cond(batch)},
-        "vae_decoder": {"latent": lat(batch)},
-    }
+    m = pipe.manifest
+    size, ranges = size_dims(height, width, pipe.vae_scale_factor), feed_ranges(m)
+    calls = {"text_encoder": ("text_encoder", 1), "unet_2B": ("unet", 2 * batch), "unet_B": ("unet", batch),
+             "vae_decoder": ("vae_decoder", batch)}
+    feeds = {}
+    for key, (comp, rows) in calls.items():
+        specs = m.component(comp).inputs
+        feeds[key] = random_feeds(specs, bind_shapes(specs, B=rows, **size), rng, **ranges)
+    return feeds
 
 
 def time_components(pipe: Any, clock: EngineClock, height: int, width: int, repeats: int, warmup: int,

@@ -1,4 +1,4 @@
-"""The bundle: ONNX files + tokenizer + ``manifest.json``, built beside OUT and moved in whole.
+"""The bundle: ONNX graphs + their weights files + tokenizer + ``manifest.json``, built beside OUT and moved in whole.
 
 Before anything is written, the source's tokenizer and scheduler config are read as the runtime
 will read them (``check_source``). Everything is written into ``OUT.tmp-<pid>-XXXX`` next to OUT;
@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 from ldm_runtime.manifest import COMPONENTS, MANIFEST_NAME, SCHEMA, atomic_write_json, new_manifest, record_file
 from ldm_runtime.tokenizer import TOKENIZER_OPTIONS
 
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, OPSET, ExportResult, ParityError, export_component
+from .onnx_export import OPSET, ExportResult, ParityError, export_component
 from .specs import dims_from_models
 
 log = logging.getLogger(__name__)
@@ -262,29 +262,31 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str = "fp32",
-                  components: str | Iterable[str] = COMPONENTS, *, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
-                  opset: int = OPSET, size: tuple[int, int] | None = None, models=None,
+                  components: str | Iterable[str] = COMPONENTS, *, opset: int = OPSET,
+                  size: tuple[int, int] | None = None, models=None,
                   cpu_variants: bool = True) -> Path:
     """Export the models of ``src`` (a checkpoint or diffusers folder) to the bundle ``out``.
 
     precision: "fp32" or "fp16". components: the subset to export (names or "a,b,c").
-    threshold_bytes: models with more weight bytes are saved with one external data file.
     size: (height, width) in pixels at which models are traced and checked (default: the
     model's default size). models: an already loaded ``LatentDiffusion`` for ``src`` (tests).
-    cpu_variants: for fp32 bundles, also write each graph's onnxruntime-CPU variant (attention
-    fused into ``com.microsoft.MultiHeadAttention``, page-aligned external weights; see
-    ``export/optimize.py``), gated against the portable graph. TensorRT and onnxruntime on CUDA
-    read the portable graphs; onnxruntime on the CPU reads the variants.
+    Each graph keeps its weights once, page-aligned in ``<component>.weights`` (``export/weights.py``).
+    cpu_variants: for fp32 bundles, also write the onnxruntime-CPU variant of each graph whose
+    attention can be fused (``com.microsoft.MultiHeadAttention``, see ``export/optimize.py``), gated
+    against the portable graph; it reads the portable graph's weights file. TensorRT and onnxruntime
+    on CUDA read the portable graphs; onnxruntime on the CPU reads the variants where there are any.
     Returns the bundle path. Raises ``ExportError`` for bad input, ``ParityError`` when a model
     fails its gate; in both cases nothing is left at ``out`` (an existing bundle stays as it was).
     """
-    from training.checkpoint import detect_kind, load_models
+    from training.checkpoint import detect_kind, is_sdxl_source, load_models
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     comps = parse_components(components)
     out = check_out(Path(out)).absolute()
     src = Path(src)
+    if models.is_sdxl if models is not None else is_sdxl_source(src):  # JSON only: before any model is built
+        raise ExportError("SDXL export (U-Net text_embeds/time_ids inputs, two text encoders) is not implemented yet")
     if models is None:
         detect_kind(src)  # one clear CheckpointError for a folder of neither kind, before any work
         models = load_models(src)
@@ -300,8 +302,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
     try:
         results = {}
         for c in comps:
-            results[c] = export_component(c, ld, tmp, dims, precision, opset=opset,
-                                          threshold_bytes=threshold_bytes, size=size)
+            results[c] = export_component(c, ld, tmp, dims, precision, opset=opset, size=size)
         tok = tmp / "tokenizer"
         tok.mkdir()
         names = []

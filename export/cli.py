@@ -21,12 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="fp32 or fp16 (default fp32)")
     p.add_argument("--components", default=",".join(COMPONENTS),
                    help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
-    p.add_argument("--threshold-bytes", type=int, default=None,
-                   help="save models with more weight bytes than this with external data (default 2e9, 2 GB)")
     p.add_argument("--size", type=parse_size, default=None,
                    help="HEIGHTxWIDTH in pixels where models are traced and checked (default: the model's default size)")
     p.add_argument("--no-cpu-variants", action="store_true",
-                   help="fp32 only: skip the onnxruntime-CPU variants (fused attention, external weights)")
+                   help="fp32 only: skip the onnxruntime-CPU variants (fused attention)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
@@ -41,7 +39,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from training.checkpoint import CheckpointError
 
     from .bundle import ExportError, export_bundle
-    from .onnx_export import EXTERNAL_DATA_THRESHOLD, ParityError
+    from .onnx_export import ParityError
     from .specs import ProfileError
 
     parser = _parser()
@@ -55,7 +53,6 @@ def export_main(argv: list[str] | None = None) -> int:
     _setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         out = export_bundle(args.src, args.out, precision=args.precision, components=args.components,
-                            threshold_bytes=args.threshold_bytes if args.threshold_bytes is not None else EXTERNAL_DATA_THRESHOLD,
                             size=args.size, cpu_variants=not args.no_cpu_variants)
     except ParityError as e:
         print(f"ldm export: parity check failed, no bundle written: {one_line(e)}", file=sys.stderr)

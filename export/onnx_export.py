@@ -6,7 +6,6 @@ and writes the manifest from what it returns.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 import warnings
@@ -21,23 +20,17 @@ import torch.nn as nn
 
 from ldm_runtime.manifest import TensorSpec
 
+from . import parity
 from .fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, io_dtypes, policy_for
 from .graph_copy import infer_shapes
+from .parity import parity_metrics
 from .specs import ComponentSpec, ModelDims, ProfileError, component_spec, sample_inputs, with_dtypes
+from .weights import locations, save_with_weights
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf cannot hold a model over 2 GiB; leave room for the graph
-
-# named parity thresholds: (metric, bound, "max" if the metric must stay below the bound else "min")
-FP32_GATE = ("max_abs_rel", 1e-4, "max")
-FP16_GATES = {
-    "text_encoder": ("rel_l2", 1e-2, "max"),
-    "unet": ("rel_l2", 1e-2, "max"),
-    "vae_decoder": ("psnr_db", 35.0, "min"),
-    "vae_encoder": ("rel_l2", 1e-2, "max"),
-}
 
 
 class ParityError(RuntimeError):
@@ -97,34 +90,7 @@ def wrap(component: str, ld) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics and the gate
-
-def parity_metrics(component: str, ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Differences between the torch reference and the exported model's output (both as fp64)."""
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    nonfinite = int((~np.isfinite(got)).sum())
-    if nonfinite:
-        return {"nonfinite": nonfinite, "max_abs": math.inf, "max_abs_rel": math.inf, "rel_l2": math.inf,
-                **({"psnr_db": -math.inf} if component == "vae_decoder" else {})}
-    diff = got - ref
-    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-    m = {
-        "nonfinite": 0,
-        "max_abs": max_abs,
-        "max_abs_rel": max_abs / max(1.0, float(np.abs(ref).max()) if ref.size else 1.0),  # scale: max |ref|, at least 1
-        "rel_l2": float(np.linalg.norm(diff)) / max(float(np.linalg.norm(ref)), 1e-30),
-    }
-    if component == "vae_decoder":
-        # PSNR of the images the runtime would show: [-1, 1] -> [0, 1], clipped
-        a, b = np.clip((ref + 1) / 2, 0, 1), np.clip((got + 1) / 2, 0, 1)
-        mse = max(float(np.mean((a - b) ** 2)), 1e-20)  # identical images: 200 dB, keeps the JSON finite
-        m["psnr_db"] = 10 * math.log10(1.0 / mse)
-    return m
-
-
-def gate_for(component: str, precision: str) -> tuple[str, float, str]:
-    return FP32_GATE if precision == "fp32" else FP16_GATES[component]
-
+# the gate
 
 def _worse(a: float, b: float, sense: str) -> float:
     return max(a, b) if sense == "max" else min(a, b)
@@ -140,8 +106,6 @@ def ort_runner(model: str | Path, scratch: Path | None = None, emulate: bool = F
     tensor (onnxruntime's CPU fallbacks compute most fp16 ops in fp32 and would hide overflow).
     Twins over 1 GB are written to ``scratch`` (protobuf cannot serialise more than 2 GB).
     """
-    import onnxruntime as ort
-
     path = str(model)
     declared = {i.name: i.type.tensor_type.elem_type for i in onnx.load(path, load_external_data=False).graph.input}
     target: Any = path
@@ -157,12 +121,7 @@ def ort_runner(model: str | Path, scratch: Path | None = None, emulate: bool = F
             target, big = str(scratch / "twin.onnx"), True
             onnx.save_model(twin, target, save_as_external_data=True, location="twin.onnx.data")
         del twin
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if big:  # SD-scale models: no arena, no pre-packed weight copies (memory over speed for a check)
-        so.enable_cpu_mem_arena = False
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    session = ort.InferenceSession(target, so, providers=["CPUExecutionProvider"])
+    session = parity.cpu_session(target, low_memory=big)  # SD-scale models: memory over speed for a check
     del target
     names = [o.name for o in session.get_outputs()]
     np_types = {k: onnx.helper.tensor_dtype_to_np_dtype(v) for k, v in declared.items()}
@@ -178,7 +137,9 @@ def ort_runner(model: str | Path, scratch: Path | None = None, emulate: bool = F
 
 
 def _file_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    """The graph file's bytes and those of the external files it names."""
+    light = onnx.load(str(path), load_external_data=False)
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations(light))
 
 
 def check_parity(component: str, precision: str, module: nn.Module, cases: list[dict[str, np.ndarray]],
@@ -189,7 +150,7 @@ def check_parity(component: str, precision: str, module: nn.Module, cases: list[
     first runner's figures are the top-level ones; the others are nested under their names.
     Raises ``ParityError`` if any runner misses the component's gate or emits NaN/Inf.
     """
-    metric, bound, sense = gate_for(component, precision)
+    metric, bound, sense = parity.gate_for(component, precision)
     # the torch reference sees exactly the values the ONNX model gets (rounded to fp16 if so)
     cases = [{k: v.astype(feed_dtypes[k]) for k, v in feeds.items()} for feeds in cases]
     refs = []
@@ -212,7 +173,7 @@ def check_parity(component: str, precision: str, module: nn.Module, cases: list[
     failures = []
     for rname, w in worst.items():
         value = w[metric]
-        if w["nonfinite"] or not (value <= bound if sense == "max" else value >= bound):
+        if w["nonfinite"] or not parity.passes(value, bound, sense):
             failures.append(f"{rname}: {metric} = {value:.3g}" + (f", {w['nonfinite']} NaN/Inf" if w["nonfinite"] else ""))
         log.info("%s %s parity (%s): %s", component, precision, rname, {k: float(f"{v:.4g}") for k, v in w.items()})
     result["passed"] = not failures
@@ -272,6 +233,7 @@ class ExportResult:
     opset: int
     nodes: dict[str, int]
     parity: dict[str, Any]
+    batch_mult: int = 1
     fp16: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -279,7 +241,7 @@ class ExportResult:
         d: dict[str, Any] = {
             "file": self.file, "external_data": list(self.external_data),
             "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-            "opset": self.opset, "nodes": dict(self.nodes), "parity": self.parity,
+            "opset": self.opset, "batch_mult": self.batch_mult, "nodes": dict(self.nodes), "parity": self.parity,
         }
         if self.fp16 is not None:
             d["fp16"] = self.fp16
@@ -296,8 +258,8 @@ def parity_cases(spec: ComponentSpec, dims: ModelDims, size: tuple[int, int]) ->
 
 
 def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, precision: str = "fp32", *,
-                     opset: int = OPSET, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
-                     size: tuple[int, int] | None = None, policy: Fp16Policy | None = None) -> ExportResult:
+                     opset: int = OPSET, size: tuple[int, int] | None = None,
+                     policy: Fp16Policy | None = None) -> ExportResult:
     """Export ``component`` of ``ld`` to ``out_dir/<component>.onnx``; gate it; describe it.
 
     ``size`` (pixels) is where the model is traced and checked (default: ``ld.default_size``).
@@ -319,8 +281,7 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         path, external, nodes, fp16_info, secs = export_onnx(
-            component, module, spec, dims, precision, out_dir, scratch, size, opset, threshold_bytes,
-            policy or policy_for(component))
+            component, module, spec, dims, precision, out_dir, scratch, size, opset, policy or policy_for(component))
         # parity gate against the torch model, on onnxruntime's CPU provider (and for fp16 also on
         # the twin that rounds every fp16 tensor: the CPU kernels compute most fp16 ops in fp32)
         t0 = time.perf_counter()
@@ -339,12 +300,12 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     return ExportResult(
         component=component, file=path.name, external_data=external,
         inputs=with_dtypes(spec.inputs, dtypes), outputs=with_dtypes(spec.outputs, dtypes),
-        opset=opset_used, nodes=nodes, parity=parity, fp16=fp16_info, seconds=secs)
+        opset=opset_used, nodes=nodes, parity=parity, batch_mult=spec.batch_mult, fp16=fp16_info, seconds=secs)
 
 
 def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: ModelDims, precision: str,
                 out_dir: Path, scratch: Path, size: tuple[int, int], opset: int = OPSET,
-                threshold_bytes: int = EXTERNAL_DATA_THRESHOLD, policy: Fp16Policy | None = None):
+                policy: Fp16Policy | None = None):
     """Trace, clean up, convert to fp16 (if asked), save and check: everything but the parity gate.
 
     Returns (path, external data files, node counts, fp16 report or None, seconds per step).
@@ -380,16 +341,9 @@ def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: Mo
         secs["fp16"] = time.perf_counter() - t0
     infer_shapes(model, strict=True)  # shape inference must pass on what we ship
 
-    # one file, or the graph plus one external data file when the weights pass the threshold
+    # the graph, its weights page-aligned in <component>.weights (see export/weights.py)
     path = out_dir / f"{component}.onnx"
-    external: list[str] = []
-    if _tensor_bytes(model) > threshold_bytes:
-        data_name = f"{component}.onnx.data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        external.append(data_name)
-    else:
-        onnx.save_model(model, str(path))
+    external = save_with_weights(model, path)
     del model
     onnx.checker.check_model(str(path))  # the path form reads external data and has no 2 GB limit
     return path, external, nodes, fp16_info, secs

@@ -1,4 +1,4 @@
-"""CPU variants of an exported bundle's graphs: fused attention, weights as external data, a parity gate.
+"""CPU variants of an exported bundle's graphs: fused attention on the portable graph's weights, a parity gate.
 
 torch exports ``F.scaled_dot_product_attention`` as MatMul -> Softmax -> MatMul around head
 reshapes and a split scale (q and k each times sqrt(1/sqrt(d))). On onnxruntime's CPU provider
@@ -7,16 +7,12 @@ Softmax and thin per-head matmuls. ``fuse_attention`` replaces each such subgrap
 ``com.microsoft.MultiHeadAttention`` on the (B, L, C) projections, whose CPU kernel computes
 attention in tiles without the score tensor.
 
-Weights in a separate file load several times faster than weights inside the protobuf
-(onnxruntime maps the file rather than parsing and copying it) and the pages a model never reads
-(most of a text encoder's token table) stay out of memory.
-
 The fused graph uses an onnxruntime contrib op that TensorRT's parser does not know, so it is
 written beside the portable graph (``unet.cpu.onnx``) and recorded in the manifest entry as
 ``cpu_variant``; the onnxruntime backend on ``device="cpu"`` opens the variant, every other
-engine the portable graph. When the portable graph already keeps its weights in an external
-file (export with a small ``threshold_bytes``), the variant points into that file: no bytes are
-duplicated.
+engine the portable graph. The variant points into the portable graph's weights file
+(``<component>.weights``, see ``export/weights.py``): no weight is stored twice. A graph with
+nothing to fuse (the text encoder's causal attention is not fused) gets no variant.
 
     python -m export.optimize BUNDLE [--components unet,vae_decoder]   # add CPU variants to a bundle
 """
@@ -28,25 +24,29 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ldm_runtime.manifest import ComponentInfo, Manifest, TensorSpec
+from ldm_runtime.shapes import bind_shapes, feed_ranges, random_feeds, size_dims
+
+from . import parity
 from .graph_copy import infer_shapes
+from .parity import CPU_VARIANT_MAX_ABS_REL
+from .weights import locations, save_with_weights, weights_by_digest
 
 log = logging.getLogger(__name__)
 
 CPU_VARIANT_SUFFIX = ".cpu.onnx"
-# every component gets a variant; the text encoder's causal (masked) attention is not fused, but its
-# variant still gains the external weights
+# the components tried; one with no fusable attention (the text encoder's causal one) gets no variant
 CPU_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PARITY_MAX_ABS_REL = 1e-4  # fused vs unfused fp32: only the summation order changes
 
 
 class OptimizeError(RuntimeError):
-    """The optimised graph disagrees with the original beyond ``PARITY_MAX_ABS_REL``, or cannot be built."""
+    """The optimised graph disagrees with the original beyond ``parity.CPU_VARIANT_MAX_ABS_REL``, or cannot be built."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,122 +231,69 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
 # file level: write the CPU variant, check it
 
 
-def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return s.run(None, feeds)
+def _ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return parity.cpu_session(path).run(None, feeds)
 
 
-def _random_feeds(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in model.graph.input:
-        t = inp.type.tensor_type.elem_type
-        shape = input_shapes[inp.name]
-        if t == onnx.TensorProto.INT64:
-            feeds[inp.name] = rng.integers(0, 256, shape, dtype=np.int64)  # every CLIP BPE vocabulary has the 256 byte tokens
-        elif inp.name == "timestep":
-            feeds[inp.name] = np.full(shape, 500.0, np.float32)
-        else:
-            feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32)
-    return feeds
-
-
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
-
-
-def save_with_external_data(model: onnx.ModelProto, path: Path, min_bytes: int = 1024, align: int = 4096) -> str:
-    """Save ``model`` as a graph file plus ``<name>.data`` holding every initializer of ``min_bytes`` or
-    more at page-aligned offsets (onnxruntime maps such files instead of copying them into the
-    graph's protobuf). Returns the data file's name."""
-    data_name = path.name + ".data"
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    with open(path.with_name(data_name), "wb") as f:
-        for t in m.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
-                continue
-            f.write(b"\0" * (-f.tell() % align))
-            offset = f.tell()
-            f.write(t.raw_data)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-    onnx.save(m, str(path))
-    return data_name
+def _input_specs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> tuple[TensorSpec, ...]:
+    """The graph's inputs as specs (name, numpy dtype) at ``shapes``."""
+    return tuple(TensorSpec(i.name, helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
+                            tuple(shapes[i.name])) for i in model.graph.input)
 
 
 def write_cpu_variant(src: str | os.PathLike, dst: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]],
-                      check_shapes: list[dict[str, tuple[int, ...]]] | None = None) -> dict[str, Any]:
-    """Write ``src``'s CPU variant to ``dst``: attention fused, weights as external data.
+                      check_shapes: list[dict[str, tuple[int, ...]]] | None = None,
+                      ranges: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Write ``src``'s CPU variant (attention fused) to ``dst`` beside it, if some attention was fused.
 
-    When ``src`` keeps its weights in an external file, ``dst`` is a graph that points into the
-    same file (nothing is duplicated) and is written only if some attention was fused. When
-    ``src`` holds its weights inline, ``dst`` gets its own page-aligned ``<dst>.data``: loading
-    that is several times faster and keeps unread weights (most of a text encoder's token table)
-    out of memory. The variant is gated against ``src`` on random inputs at ``check_shapes``
-    (default: ``input_shapes``). Returns what the manifest records ({"fused_attention": 0} and
-    nothing written when there is nothing to gain); raises ``OptimizeError``.
+    The variant reads ``src``'s weights: each initializer whose bytes equal one of ``src``'s points at
+    the same external file, offset and length, and only those the fusion created go to a file of its
+    own (``export/weights.py``). It is gated against ``src`` on random inputs at ``check_shapes``
+    (default: ``input_shapes``), drawn by ``ldm_runtime.shapes.random_feeds`` within ``ranges``
+    (``feed_ranges`` of the bundle; token ids need its ``vocab_size``). Returns what the manifest records ({"fused_attention": 0} and nothing
+    written when there is nothing to gain); raises ``OptimizeError``.
     """
     src, dst = Path(src), Path(dst)
+    if dst.parent != src.parent:
+        raise OptimizeError(f"{dst}: a CPU variant reads {src.name}'s weights and must sit beside it")
     t0 = time.perf_counter()
     model = onnx.load(str(src), load_external_data=False)
     if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input):
         raise OptimizeError(f"{src}: an fp16 graph; the CPU variant is for fp32 bundles "
                             "(onnxruntime's CPU kernels run fp16 graphs through casts anyway)")
     fused_model, n = fuse_attention(model, input_shapes)
-    shared = _has_external_data(model)
-    if n == 0 and shared:
+    if n == 0:
         return {"fused_attention": 0}
-    if shared:
-        # the initializers still name src's data file (same folder): the variant shares it
-        if dst.parent != src.parent:
-            raise OptimizeError(f"{dst}: a variant sharing {src.name}'s external data must sit beside it")
-        onnx.save(fused_model, str(dst))
-        data_files = sorted({e.value for i in fused_model.graph.initializer for e in i.external_data if e.key == "location"})
-    else:
-        data_files = [save_with_external_data(fused_model, dst)]
+    nodes = {"before": len(model.graph.node), "after": len(fused_model.graph.node)}
+    del model
+    data_files = save_with_weights(fused_model, dst, shared=weights_by_digest(src))
+    own = [f for f in data_files if f not in locations(onnx.load(str(src), load_external_data=False))]
     worst = 0.0
     for i, shapes in enumerate(check_shapes or [input_shapes]):
-        feeds = _random_feeds(model, shapes, seed=i)
+        feeds = random_feeds(_input_specs(fused_model, shapes), shapes, np.random.default_rng(i), **(ranges or {}))
         ref, got = _ort_outputs(src, feeds), _ort_outputs(dst, feeds)
-        for a, b in zip(ref, got):
-            err = float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-12))
-            worst = max(worst, err)
-    if not worst <= PARITY_MAX_ABS_REL:
-        dst.unlink(missing_ok=True)
-        if not shared:
-            dst.with_name(data_files[0]).unlink(missing_ok=True)
+        worst = max(worst, *(parity.max_abs_rel(b, a) for a, b in zip(ref, got)))
+    if not worst <= CPU_VARIANT_MAX_ABS_REL:
+        for f in [dst.name, *own]:
+            dst.with_name(f).unlink(missing_ok=True)
         raise OptimizeError(f"{dst.name}: the CPU variant differs from {src.name} by max_abs_rel {worst:.2e} "
-                            f"(gate {PARITY_MAX_ABS_REL:.0e})")
-    info = {"file": dst.name, "external_data": data_files, "shares_weights": shared, "fused_attention": n,
-            "nodes": {"before": len(model.graph.node), "after": len(fused_model.graph.node)},
-            "parity": {"metric": "max_abs_rel", "value": worst, "threshold": PARITY_MAX_ABS_REL},
+                            f"(gate {CPU_VARIANT_MAX_ABS_REL:.0e})")
+    info = {"file": dst.name, "external_data": data_files, "shares_weights": not own, "fused_attention": n,
+            "nodes": nodes, "parity": {"metric": "max_abs_rel", "value": worst, "threshold": CPU_VARIANT_MAX_ABS_REL},
             "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("%s: CPU variant %s, %d attentions fused, weights %s (max_abs_rel %.1e)", src.name, dst.name, n,
-             "shared" if shared else "external", worst)
+    log.info("%s: CPU variant %s, %d attentions fused, weights read from %s (max_abs_rel %.1e)", src.name, dst.name,
+             n, ", ".join(data_files) or "the graph", worst)
     return info
 
 
-def sample_shapes(manifest: dict, component: str, height: int | None = None, width: int | None = None,
-                  batch: int = 2) -> dict[str, tuple[int, ...]]:
+def sample_shapes(manifest: dict, component: str, height: int | None = None,
+                  width: int | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes of ``component`` at the bundle's default size (or ``height`` x ``width``):
-    its manifest inputs with the symbolic dims bound (batch ``batch`` for the U-Net, 1 for the others)."""
-    h = height or manifest["default_size"]["height"]
-    w = width or manifest["default_size"]["width"]
-    f = manifest["latent"]["vae_scale_factor"]
-    bind = {"B": batch if component == "unet" else 1, "h": h // f, "w": w // f, "H": h, "W": w}
-    inputs = manifest["components"][component]["inputs"]
-    return {s["name"]: tuple(bind[d] if isinstance(d, str) else d for d in s["shape"]) for s in inputs}
+    its manifest inputs bound at the rows of one image (``batch_mult``: 2 for a guided U-Net)."""
+    info = ComponentInfo.from_dict(component, manifest["components"][component])
+    size = size_dims(height or manifest["default_size"]["height"], width or manifest["default_size"]["width"],
+                     manifest["latent"]["vae_scale_factor"])
+    return bind_shapes(info.inputs, B=info.batch_mult, **size)
 
 
 def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[str, ...] = CPU_COMPONENTS) -> dict[str, Any]:
@@ -362,6 +309,8 @@ def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[
     if manifest.get("precision", "fp32") != "fp32":
         raise OptimizeError(f"{root}: precision {manifest.get('precision')}; CPU variants are for fp32 bundles only")
     done: dict[str, Any] = {}
+    f = manifest["latent"]["vae_scale_factor"]
+    ranges = feed_ranges(Manifest(root, manifest))
     for c in components:
         entry = manifest["components"].get(c)
         if entry is None:
@@ -371,13 +320,13 @@ def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[
         shapes = sample_shapes(manifest, c)
         checks = [shapes]
         if c in ("unet", "vae_decoder"):  # odd latent sizes too: the reshapes around attention must follow
-            checks.append({k: tuple(d + (1 if i >= 2 and len(v) == 4 else 0) for i, d in enumerate(v))
-                           for k, v in shapes.items()})
-        info = write_cpu_variant(src, dst, shapes, check_shapes=checks)
+            h, w = (manifest["default_size"][k] + f for k in ("height", "width"))
+            checks.append(sample_shapes(manifest, c, h, w))
+        info = write_cpu_variant(src, dst, shapes, check_shapes=checks, ranges=ranges)
         if info.get("file"):
             entry["cpu_variant"] = info
             for rel in [info["file"], *info["external_data"]]:
-                if rel not in manifest["files"]:
+                if rel not in (entry.get("external_data") or []):  # the portable graph's are recorded
                     record_file(manifest, root, rel)
         done[c] = info
     return done

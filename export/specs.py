@@ -1,5 +1,6 @@
 """One export spec per component: the single description that drives the ONNX export, the
-parity gate's sample inputs, the manifest's inputs/outputs and the TensorRT shape profile.
+parity gate's sample inputs, the manifest's inputs/outputs (with ``batch_mult``) and the TensorRT
+shape profile. Shapes and sample values come from ``ldm_runtime.shapes``.
 
 Symbolic dimensions: "B" batch, "h"/"w" latent height/width, "H"/"W" image height/width.
 The text length is fixed (77 for CLIP). Sizes given to ``profile`` are in pixels.
@@ -11,12 +12,10 @@ from typing import Mapping
 
 import numpy as np
 
-from ldm_runtime.guidance import guidance_scale_embedding
 from ldm_runtime.manifest import COMPONENTS, TensorSpec
+from ldm_runtime.shapes import ShapeError, bind_shapes, random_feeds, size_dims
 
-
-class ProfileError(ValueError):
-    """A size or batch range that the models cannot take."""
+ProfileError = ShapeError  # a size or batch range that the models cannot take
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class ModelDims:
     vocab_size: int = 49408
     image_channels: int = 3
     time_cond_proj_dim: int | None = None  # an LCM-distilled U-Net's guidance embedding width
+    num_train_timesteps: int = 1000  # the scheduler's training range (sample timesteps lie in it)
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,6 @@ class ComponentSpec:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export``'s ``dynamic_axes``: every symbolic dim of every input and output."""
         return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in (*self.inputs, *self.outputs)}
-
-    def concrete_shapes(self, batch: int, height: int, width: int, f: int) -> dict[str, tuple[int, ...]]:
-        """Every input's shape at ``batch`` and an image of ``height`` x ``width`` pixels."""
-        if height % f or width % f:
-            raise ProfileError(f"{self.name}: image size {height}x{width} is not a multiple of the VAE factor {f}")
-        bind = {"B": batch, "H": height, "W": width, "h": height // f, "w": width // f}
-        return {s.name: tuple(bind[d] if isinstance(d, str) else d for d in s.shape) for s in self.inputs}
 
 
 def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
@@ -107,38 +100,17 @@ def dims_from_models(ld) -> ModelDims:
         vocab_size=int(getattr(t, "vocab_size", 49408)),
         image_channels=int(getattr(v, "in_channels", 3)),
         time_cond_proj_dim=getattr(u, "time_cond_proj_dim", None),
+        num_train_timesteps=int(ld.scheduler_config.get("num_train_timesteps", 1000)),
     )
 
 
 def sample_inputs(spec: ComponentSpec, dims: ModelDims, batch: int, height: int, width: int,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic sample inputs (numpy, fp32/int64) for export tracing and parity checks.
-
-    Values are drawn where each input lives in practice: latents ~ N(0, 1), images in [-1, 1],
-    timesteps spread over [0, 1000), guidance embeddings of scales in [1, 15], token ids over the
-    vocabulary with BOS first and EOS/pad at the end (CLIP reads the pooled token at the argmax id,
-    so keep the real EOS the largest).
-    """
-    rng = np.random.default_rng(seed)
-    shapes = spec.concrete_shapes(batch, height, width, dims.vae_scale_factor)
-    out: dict[str, np.ndarray] = {}
-    for s in spec.inputs:
-        shape = shapes[s.name]
-        if s.name == "input_ids":
-            ids = rng.integers(1, max(2, dims.vocab_size - 2), size=shape, dtype=np.int64)
-            ids[:, 0] = dims.vocab_size - 2  # BOS
-            n = max(2, dims.max_length // 3)
-            ids[:, n:] = dims.vocab_size - 1  # EOS, then padding with the same id
-            out[s.name] = ids
-        elif s.name == "timestep":
-            out[s.name] = np.sort(rng.uniform(0.0, 999.0, size=shape)).astype(np.float32)[::-1].copy()
-        elif s.name == "image":
-            out[s.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
-        elif s.name == "timestep_cond":  # guidance scales as LCM users pick them
-            out[s.name] = guidance_scale_embedding(rng.uniform(1.0, 15.0, size=shape[0]), shape[1])
-        else:
-            out[s.name] = rng.standard_normal(shape).astype(np.float32)
-    return out
+    """Deterministic sample inputs (numpy, the spec's dtypes) for export tracing and parity checks:
+    ``random_feeds`` at ``batch`` rows and an image of ``height`` x ``width`` pixels."""
+    shapes = bind_shapes(spec.inputs, B=batch, **size_dims(height, width, dims.vae_scale_factor))
+    return random_feeds(spec.inputs, shapes, np.random.default_rng(seed), vocab_size=dims.vocab_size,
+                        train_timesteps=dims.num_train_timesteps)
 
 
 def profile(spec: ComponentSpec, f: int, min_size: int = 256, max_size: int = 1024, max_batch: int = 4,
@@ -159,10 +131,14 @@ def profile(spec: ComponentSpec, f: int, min_size: int = 256, max_size: int = 10
         raise ProfileError(f"{spec.name}: expected min_size <= opt size <= max_size, got {min_size} <= {oh}x{ow} <= {max_size}")
     if max_batch < 1 or not 1 <= opt_batch <= max_batch:
         raise ProfileError(f"{spec.name}: expected 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
+    def bound(batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        try:
+            return bind_shapes(spec.inputs, B=batch, **size_dims(height, width, f))
+        except ShapeError as e:
+            raise ProfileError(f"{spec.name}: {e}") from None
+
     m = spec.batch_mult
-    mins = spec.concrete_shapes(1, min_size, min_size, f)
-    opts = spec.concrete_shapes(opt_batch * m, oh, ow, f)
-    maxs = spec.concrete_shapes(max_batch * m, max_size, max_size, f)
+    mins, opts, maxs = bound(1, min_size, min_size), bound(opt_batch * m, oh, ow), bound(max_batch * m, max_size, max_size)
     return {n: {"min": list(mins[n]), "opt": list(opts[n]), "max": list(maxs[n])} for n in spec.input_names}
 
 

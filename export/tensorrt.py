@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from export.specs import ComponentSpec, ModelDims, ProfileError, component_spec, profile
+from export import parity
+from export.specs import ComponentSpec, ProfileError, profile
 from ldm_runtime.backends.tensorrt import (
     DeviceMemoryPool,
     GpuInfo,
@@ -53,6 +53,7 @@ from ldm_runtime.manifest import (
     atomic_write_json,
     record_file,
 )
+from ldm_runtime.shapes import feed_ranges, random_feeds
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_TENSORRT = 0, 1, 2, 3
-PARITY_THRESHOLDS = {"fp16": 1e-2, "fp32": 1e-2}  # relative L2 vs onnxruntime CPU (fp32 engines run TF32)
 
 Profile = dict[str, dict[str, list[int]]]  # input name -> {"min": shape, "opt": shape, "max": shape}
 
@@ -112,77 +112,38 @@ def opt_size_for(default_size: tuple[int, int], min_size: int, max_size: int, f:
 
 def profile_shapes(component: ComponentInfo, min_size: int, max_size: int, max_batch: int, vae_scale_factor: int,
                    opt_size: tuple[int, int] | None = None, opt_batch: int = 1) -> Profile:
-    """min/opt/max shapes of each input of a manifest component, from the export spec's rules.
+    """min/opt/max shapes of each input of a manifest component (``export.specs.profile``'s rules).
 
-    "B" ranges over [1, max_batch] (times 2 for components called on [uncond, cond] batches),
-    "h"/"w" are sizes // vae_scale_factor, "H"/"W" pixels, fixed dims stay fixed.
+    "B" ranges over [1, max_batch] (times the component's ``batch_mult``), "h"/"w" are sizes //
+    vae_scale_factor, "H"/"W" pixels, fixed dims stay fixed; any other symbolic dim is refused.
     """
     check_size_range(min_size, max_size, max_batch, vae_scale_factor)
-    # the spec decides the batch multiple; a U-Net with a guidance embedding is never run on 2B rows
-    cond = next((int(s.shape[1]) for s in component.inputs if s.name == "timestep_cond"), None)
-    dims = ModelDims(time_cond_proj_dim=cond)
-    mult = component_spec(component.name, dims).batch_mult if component.name in COMPONENTS else 1
-    spec = ComponentSpec(component.name, component.inputs, component.outputs, batch_mult=mult)
-    known = {"B", "h", "w", "H", "W"}
-    for s in spec.inputs:
-        unknown = [d for d in s.shape if isinstance(d, str) and d not in known]
-        if unknown:
-            raise ProfileError(f"{component.name}: input {s.name!r} has symbolic dims {unknown}; "
-                               f"expected only {sorted(known)}")
+    spec = ComponentSpec(component.name, component.inputs, component.outputs, batch_mult=component.batch_mult)
     if opt_size is None:
         opt_size = (min_size, min_size)
     return profile(spec, vae_scale_factor, min_size, max_size, max_batch, opt_size=opt_size, opt_batch=opt_batch)
 
 
 # -- parity (pure numpy + onnxruntime) ------------------------------------------------------------------
-def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], rng: np.random.Generator,
-                 int_high: int) -> dict[str, np.ndarray]:
-    """Inputs in the ranges they take in practice: latents N(0,1), images U(-1,1), timesteps U(0,1000), ids [0, int_high)."""
-    feeds = {}
-    for s in specs:
-        shape = tuple(shapes[s.name])
-        if np.issubdtype(np.dtype(s.dtype), np.integer):
-            feeds[s.name] = rng.integers(0, int_high, size=shape).astype(s.dtype)
-        elif s.name == "timestep":
-            feeds[s.name] = rng.uniform(0.0, 1000.0, size=shape).astype(s.dtype)
-        elif s.name == "image":
-            feeds[s.name] = rng.uniform(-1.0, 1.0, size=shape).astype(s.dtype)
-        else:
-            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return feeds
-
-
-def rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
-    """||got - ref|| / ||ref|| in float64 (inf when got is not finite or the shapes differ)."""
-    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if g.shape != r.shape or not np.isfinite(g).all():
-        return float("inf")
-    den = float(np.linalg.norm(r))
-    num = float(np.linalg.norm(g - r))
-    return num / den if den > 0 else num
-
-
 def parity_check(onnx_path: str | os.PathLike, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  shape_sets: Sequence[Mapping[str, Sequence[int]]],
                  run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
-                 threshold: float, seed: int = 0, int_high: int = 1000) -> dict[str, Any]:
-    """Run ``run`` and onnxruntime CPU on the same random inputs at each shape set; return the figures."""
-    import onnxruntime as ort
+                 threshold: float, seed: int = 0, **ranges: int) -> dict[str, Any]:
+    """Run ``run`` and onnxruntime CPU on the same random inputs at each shape set; return the figures.
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    Inputs are ``random_feeds`` within ``ranges`` (``feed_ranges`` of the bundle; token ids need ``vocab_size``).
+    """
+    sess = parity.cpu_session(onnx_path)
     names = [s.name for s in outputs]
     rng = np.random.default_rng(seed)
     checks = []
     worst = 0.0
     for shapes in shape_sets:
-        feeds = random_feeds(inputs, shapes, rng, int_high)
+        feeds = random_feeds(inputs, shapes, rng, **ranges)
         ref = dict(zip(names, sess.run(names, feeds)))
         got = run(feeds)
-        errs = {n: rel_l2(got[n], ref[n]) for n in names}
-        max_abs = {n: float(np.max(np.abs(np.asarray(got[n], np.float64) - np.asarray(ref[n], np.float64)), initial=0.0))
-                   for n in names if np.shape(got[n]) == np.shape(ref[n])}
+        errs = {n: parity.rel_l2(got[n], ref[n]) for n in names}
+        max_abs = {n: parity.max_abs(got[n], ref[n]) for n in names if np.shape(got[n]) == np.shape(ref[n])}
         checks.append({"shapes": {k: list(v) for k, v in shapes.items()}, "rel_l2": errs, "max_abs": max_abs})
         worst = max(worst, *errs.values())
     return {"metric": "rel_l2", "reference": "onnxruntime CPU", "threshold": threshold, "worst": worst,
@@ -192,14 +153,6 @@ def parity_check(onnx_path: str | os.PathLike, inputs: Sequence[TensorSpec], out
 def parity_shape_sets(prof: Profile) -> list[dict[str, list[int]]]:
     """The input shapes a plan is checked at: the profile's min, opt and max."""
     return [{name: r[k] for name, r in prof.items()} for k in ("min", "opt", "max")]
-
-
-def _vocab_size(m: Manifest) -> int:
-    vocab = m.tokenizer.get("vocab")
-    try:
-        return len(json.loads(m.path(str(vocab)).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise BundleError(f"{m.root}: cannot read the tokenizer vocabulary {vocab!r} for parity inputs: {e}") from None
 
 
 # -- manifest records (pure) -------------------------------------------------------------------------------
@@ -336,7 +289,8 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
     gpu, version = gpu_info(), tensorrt_version()
     workspace = int(options.workspace_gb * (1 << 30)) if options.workspace_gb else None
     builder = PlanBuilder(options.opt_level, workspace, options.timing_cache)
-    threshold = PARITY_THRESHOLDS.get(m.precision, 1e-2)
+    threshold = parity.TENSORRT_REL_L2.get(m.precision, 1e-2)
+    ranges = feed_ranges(m)
     records = []
     for c in comps:
         info, prof = m.component(c), profiles[c]
@@ -355,16 +309,15 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
             pool.free()
             raise EngineBuildError(str(e)) from None
         try:
-            int_high = _vocab_size(m) if any(np.issubdtype(np.dtype(s.dtype), np.integer) for s in info.inputs) else 1
-            parity = parity_check(m.path(info.file), info.inputs, info.outputs, parity_shape_sets(prof), engine.run,
-                                  threshold, seed=options.seed, int_high=int_high)
+            figures = parity_check(m.path(info.file), info.inputs, info.outputs, parity_shape_sets(prof), engine.run,
+                                   threshold, seed=options.seed, **ranges)
         finally:
             engine.close()
             pool.free()
-        log.info("%s: parity vs onnxruntime CPU: rel L2 %.2e (threshold %.0e)", c, parity["worst"], threshold)
-        if not parity["passed"]:
-            raise EngineBuildError(f"{c}: the TensorRT plan differs from onnxruntime CPU by rel L2 {parity['worst']:.3e} "
-                                   f"> {threshold:.0e} (figures: {parity['checks']}); the plan was not written")
+        log.info("%s: parity vs onnxruntime CPU: rel L2 %.2e (threshold %.0e)", c, figures["worst"], threshold)
+        if not figures["passed"]:
+            raise EngineBuildError(f"{c}: the TensorRT plan differs from onnxruntime CPU by rel L2 {figures['worst']:.3e} "
+                                   f"> {threshold:.0e} (figures: {figures['checks']}); the plan was not written")
 
         rel = f"engines/{key}/{c}.plan"
         path = m.root / rel
@@ -376,7 +329,7 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
                  "seconds": round(build_s, 2),
                  "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
         file_rec = {"sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan)}
-        rec = engine_record(c, rel, file_rec, info.file, onnx_sha, gpu, version, m.precision, prof, build, parity)
+        rec = engine_record(c, rel, file_rec, info.file, onnx_sha, gpu, version, m.precision, prof, build, figures)
         add_engine_record(m.data, m.root, key, rec)
         records.append(rec)
     return records

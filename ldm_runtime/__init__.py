@@ -9,6 +9,8 @@ _LAZY = {
     "Pipeline": "ldm_runtime.pipeline",
     "Img2ImgPipeline": "ldm_runtime.pipeline",
     "PipelineOutput": "ldm_runtime.pipeline",
+    "CancelToken": "ldm_runtime.cancel",
+    "Cancelled": "ldm_runtime.cancel",
     "CLIPTokenizer": "ldm_runtime.tokenizer",
     "Manifest": "ldm_runtime.manifest",
     "BundleError": "ldm_runtime.manifest",

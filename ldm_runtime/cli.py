@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("ldm_runtime.generate", "main"),
     "bench": ("bench.runtime", "main"),
     "verify": ("ldm_runtime.verify", "main"),
+    "serve": ("ldm_runtime.serve.cli", "main"),
 }
 
 

@@ -136,15 +136,26 @@ def generate(a: argparse.Namespace) -> list[Path]:
                guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
                height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
                callback=ProgressBar(a.steps), eta=a.eta)
-    params = {  # what the pipeline used, defaults and a picked seed included
-        "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": out.seed, "steps": a.steps,
-        "scheduler": out.scheduler, "eta": a.eta, "guidance_scale": a.guidance_scale,
-        "guidance_rescale": a.guidance_rescale, "height": out.height, "width": out.width, "num_images": a.num_images, "bundle": pipe.manifest.sha256,
-        "precision": pipe.manifest.precision, "backend": a.backend, "device": a.device,
-        "ldm_runtime": __version__,
-    }
+    params = png_parameters(pipe, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=out.seed, steps=a.steps,
+                            scheduler=out.scheduler, eta=a.eta, guidance_scale=a.guidance_scale,
+                            guidance_rescale=a.guidance_rescale, height=out.height, width=out.width,
+                            num_images=a.num_images)
     names = output_paths(target, is_folder, out.seed, len(out.images))
     return [save_png(image, path, {**params, "index": i}) for i, (image, path) in enumerate(zip(out.images, names))]
+
+
+def png_parameters(pipe: Any, *, prompt: str, negative_prompt: str | None, seed: int, steps: int, scheduler: str,
+                   eta: float, guidance_scale: float, guidance_rescale: float, height: int, width: int,
+                   num_images: int) -> dict[str, Any]:
+    """The ``parameters`` chunk of a generated PNG (without ``index``, its batch position): what the call
+    used, defaults and a picked seed included, and the bundle, backend and device it ran on."""
+    return {
+        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+        "scheduler": scheduler, "eta": eta, "guidance_scale": guidance_scale,
+        "guidance_rescale": guidance_rescale, "height": height, "width": width, "num_images": num_images,
+        "bundle": pipe.manifest.sha256, "precision": pipe.manifest.precision, "backend": pipe.backend,
+        "device": pipe.device, "ldm_runtime": __version__,
+    }
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,11 +24,12 @@ ModelFn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
 class Guidance:
     """The guidance of one call: ``scale`` and ``rescale`` (``rescale_noise_cfg``); ``enabled`` decides on/off.
 
-    ``embedded``: the U-Net takes ``scale`` as an input (``guidance_scale_embedding``, LCM-distilled
-    models), so no unconditional pass runs, whatever the scale.
+    ``scale``: one float for the batch, or a tuple of one float per image (row of the batch), all
+    above 1 or all at most 1. ``embedded``: the U-Net takes ``scale`` as an input
+    (``guidance_scale_embedding``, LCM-distilled models), so no unconditional pass runs, whatever the scale.
     """
 
-    scale: float
+    scale: float | tuple[float, ...]
     rescale: float = 0.0
     embedded: bool = False
 
@@ -36,7 +37,14 @@ class Guidance:
     def enabled(self) -> bool:
         """Classifier-free guidance on: only above 1 (at 1 the unconditional term cancels, below it is disabled,
         as diffusers), and never for a U-Net that embeds the scale."""
-        return self.scale > 1.0 and not self.embedded
+        return bool(np.all(np.asarray(self.scale) > 1.0)) and not self.embedded
+
+    def row_scales(self, rows: int) -> np.ndarray:
+        """The scale of each of ``rows`` images as float64 (rows,): a float repeated, or the per-image tuple."""
+        scales = np.asarray(self.scale, dtype=np.float64)
+        if scales.ndim and len(scales) != rows:
+            raise ValueError(f"guidance has {len(scales)} per-image scales for {rows} images")
+        return np.broadcast_to(scales, (rows,))
 
 
 def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
@@ -52,12 +60,21 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidan
     return (guidance_rescale * rescaled + (1.0 - guidance_rescale) * noise_cfg).astype(noise_cfg.dtype, copy=False)
 
 
-def combine(noise_pred: np.ndarray, guidance_scale: float, guidance_rescale: float = 0.0) -> np.ndarray:
-    """(2B, ...) predictions on [uncond; cond] -> (B, ...) guided prediction."""
+def combine(noise_pred: np.ndarray, guidance_scale: float | Sequence[float], guidance_rescale: float = 0.0) -> np.ndarray:
+    """(2B, ...) predictions on [uncond; cond] -> (B, ...) guided prediction.
+
+    ``guidance_scale``: one float for all rows, or B floats, row i guided by the i-th (in float32,
+    so a row gets the same bytes as when it is combined alone with its float).
+    """
     n = noise_pred.shape[0] // 2
     uncond, cond = noise_pred[:n], noise_pred[n:]  # views; np.split costs more than the arithmetic here
+    scale = np.asarray(guidance_scale, dtype=np.float32)
+    if scale.ndim:
+        if scale.shape != (n,):
+            raise ValueError(f"guidance_scale has {scale.size} per-row scales for {n} rows")
+        scale = scale.reshape((n,) + (1,) * (noise_pred.ndim - 1))  # broadcast over C, H, W
     guided = np.subtract(cond, uncond)
-    guided *= np.float32(guidance_scale)
+    guided *= scale
     guided += uncond
     if guidance_rescale > 0.0:
         guided = rescale_noise_cfg(guided, cond, guidance_rescale)

@@ -71,8 +71,8 @@ def preprocess(image: Any, multiple_of: int = 1) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) * 2.0 - 1.0  # (B, H, W, 3) -> (B, 3, H, W), [-1, 1]
 
 
-def save_png(image: Any, path: str | os.PathLike, parameters: dict | None = None) -> Path:
-    """Write a PIL image (or float (H, W, 3) in [0, 1]) as PNG, with ``parameters`` as JSON in a text chunk."""
+def png_bytes(image: Any, parameters: dict | None = None) -> bytes:
+    """A PIL image (or float (H, W, 3) in [0, 1]) as PNG bytes, with ``parameters`` as JSON in a text chunk."""
     from PIL import Image, PngImagePlugin
 
     if isinstance(image, np.ndarray):
@@ -82,12 +82,17 @@ def save_png(image: Any, path: str | os.PathLike, parameters: dict | None = None
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_itxt(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
-    path = Path(path)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Any, path: str | os.PathLike, parameters: dict | None = None) -> Path:
+    """Write ``png_bytes(image, parameters)`` to ``path``."""
+    path = Path(path)
     # a unique name beside, then rename: a crash never leaves a truncated PNG under the final name,
     # and two processes saving to one path never share a temporary file (the last rename wins)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(image, parameters))
     return path
 
 

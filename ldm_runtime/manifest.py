@@ -23,6 +23,7 @@ Schema (version 1)::
           "external_data": [],                       # extra files holding weights, if any
           "inputs":  [{"name": "sample", "dtype": "float32", "shape": ["B", 4, "h", "w"]}, ...],
           "outputs": [{"name": "out_sample", "dtype": "float32", "shape": ["B", 4, "h", "w"]}],
+          "batch_mult": 2,                           # most rows per image per call (optional; see ComponentInfo)
           "nodes": {"before": 1234, "after": 987},   # graph clean-up
           "parity": {"metric": value, ...}           # measured at export against torch
         },
@@ -188,6 +189,15 @@ class ComponentInfo:
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest component {name!r} is malformed: missing or bad key {e}") from None
+
+    @property
+    def batch_mult(self) -> int:
+        """The most rows per image the runtime feeds this component: 2 for a U-Net called on
+        [uncond, cond] batches, else 1. Bundles written without ``batch_mult`` imply 2 for a U-Net
+        without a guidance-embedding input (``timestep_cond``) and 1 for everything else."""
+        if "batch_mult" in self.extra:
+            return int(self.extra["batch_mult"])
+        return 2 if self.name == "unet" and all(s.name != "timestep_cond" for s in self.inputs) else 1
 
 
 @dataclass
@@ -428,6 +438,7 @@ def check_manifest(data: dict, where: str | os.PathLike = MANIFEST_NAME) -> None
     _check_schema(data, where)
     _check_latent(data, where)
     _check_agreeing_dims(data, where)
+    _check_batch_mult(data, where)
     _check_scheduler(data["scheduler"], where)
 
 
@@ -529,6 +540,17 @@ def _check_agreeing_dims(data: dict, where: Any) -> None:
                 raise _field_error(where, f"components.{component}.{kind}[{i}].shape[{axis}]",
                                    f"{tensor!r} has {spec['shape'][axis]} there, but {field_path} is {want}; "
                                    "they must agree")
+
+
+def _check_batch_mult(data: dict, where: Any) -> None:
+    """A recorded ``batch_mult`` must be the one the runtime's calls imply (``ComponentInfo.batch_mult``'s default)."""
+    for name, entry in data["components"].items():
+        if "batch_mult" not in entry:
+            continue
+        implied = ComponentInfo.from_dict(name, {k: v for k, v in entry.items() if k != "batch_mult"}).batch_mult
+        if entry["batch_mult"] != implied:
+            raise _field_error(where, f"components.{name}.batch_mult", f"expected {implied} (the rows per image the "
+                               f"runtime feeds {name!r}), got {_shown(entry['batch_mult'])}")
 
 
 def _check_scheduler(entry: dict, where: Any) -> None:

@@ -100,6 +100,9 @@ def spaced_timesteps(
     elif spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1]
         ts = ts.astype(np.float32 if fractional else np.int64) + steps_offset
+        if n and ts[0] >= T:  # e.g. 1000 steps with steps_offset 1: diffusers would index past its schedule
+            raise ValueError(f"{num_steps} steps with leading spacing and steps_offset {steps_offset} reach timestep "
+                             f"{int(ts[0])}, past the schedule's last ({T - 1}): use fewer steps")
     elif spacing == "trailing":
         ts = np.arange(T, 0, -T / num_steps).round()
         ts = ts.astype(np.float32 if fractional else np.int64) - 1

@@ -4,14 +4,14 @@ Everything model-related comes from the manifest (latent channels, scaling facto
 text length, feed dtypes); engines open lazily, one per component, on first use. Randomness
 comes from one ``np.random.default_rng(seed)`` per call, drawn in a fixed order (initial noise
 or the img2img posterior and noise first, then the stochastic samplers' noise), so the same
-seed on the same backend gives bit-identical images.
+seed on the same backend gives bit-identical images; a list of seeds gives each image its own
+stream drawn in that order (``ldm_runtime.rng``).
 """
 from __future__ import annotations
 
 import logging
 import numbers
 import os
-import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,8 +20,11 @@ import numpy as np
 
 from . import guidance, memory
 from .backends import BACKENDS, Engine, engine_options, load_engine
+from .cancel import is_token, raise_if_cancelled
 from .images import postprocess, preprocess
 from .manifest import BundleError, Manifest
+from .rng import ImageGenerators, call_generator
+from .shapes import ShapeError, bind_shapes, size_dims
 from .tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,12 +46,14 @@ class NonFiniteOutputError(RuntimeError):
 class PipelineOutput:
     """``images``: a list of PIL images, or float32 (B, H, W, 3) in [0, 1] for ``output_type="np"``.
 
-    What the call used where it chose: ``seed`` (picked at random when none was given), the
+    What the call used where it chose: ``seed`` (picked at random when none was given; with a list
+    of seeds, the first image's), ``seeds`` (one per image: the int seed repeated, or the list), the
     ``scheduler`` name and the image ``height`` and ``width`` (the bundle's defaults when not given).
     """
 
     images: Any
     seed: int | None = None
+    seeds: list[int] | None = None
     scheduler: str | None = None
     height: int | None = None
     width: int | None = None
@@ -193,20 +198,20 @@ class BasePipeline:
 
     def engine_shapes(self, num_prompts: int, batch_size: int, height: int, width: int, guided: bool,
                       num_images: int = 1) -> dict[str, dict[str, tuple[int, ...]]]:
-        """The input shapes each component will be fed in one call (text encoder: prompts, and negatives)."""
-        f, L = self.vae_scale_factor, self.manifest.text_max_length
-        h, w, c = height // f, width // f, self.latent_channels
-        bu = 2 * batch_size if guided else batch_size
-        hidden = self.manifest.text_hidden_size
-        unet = {"sample": (bu, c, h, w), "timestep": (bu,), "encoder_hidden_states": (bu, L, hidden)}
-        if self.guidance_embedding_dim is not None:
-            unet["timestep_cond"] = (bu, self.guidance_embedding_dim)
-        return {
-            "text_encoder": {"input_ids": (num_prompts, L)},
-            "unet": unet,
-            "vae_decoder": {"latent": (batch_size, c, h, w)},
-            "vae_encoder": {"image": (num_images, 3, height, width)},
-        }
+        """The input shapes each component of the bundle will be fed in one call, bound from its manifest
+        inputs (text encoder: the prompts, and negatives; U-Net: times its ``batch_mult`` when guided)."""
+        rows = {"text_encoder": num_prompts, "unet": batch_size * (self.manifest.component("unet").batch_mult
+                                                                    if guided else 1),
+                "vae_decoder": batch_size, "vae_encoder": num_images}
+        size = size_dims(height, width, self.vae_scale_factor)
+        shapes = {}
+        for comp, b in rows.items():
+            if self.manifest.has(comp):
+                try:
+                    shapes[comp] = bind_shapes(self.manifest.component(comp).inputs, B=b, **size)
+                except ShapeError as e:
+                    raise BundleError(f"{self.manifest.root}: manifest components.{comp}: {e}") from None
+        return shapes
 
     def check_engine_shapes(self, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
         """Hook for backends with fixed shape ranges (TensorRT profiles): refuse sizes before anything runs.
@@ -256,9 +261,10 @@ class BasePipeline:
         f = self.vae_scale_factor
         return (batch_size, self.latent_channels, height // f, width // f)
 
-    def prepare_latents(self, batch_size: int, height: int, width: int, rng: np.random.Generator,
+    def prepare_latents(self, batch_size: int, height: int, width: int, rng: np.random.Generator | ImageGenerators,
                         latents: np.ndarray | None = None, init_noise_sigma: float = 1.0) -> np.ndarray:
-        """z_T: ``latents`` or float32 standard normals from ``rng``, times the scheduler's initial sigma."""
+        """z_T: ``latents`` or float32 standard normals from ``rng`` (one generator for the batch, or one per
+        image: ``ldm_runtime.rng``), times the scheduler's initial sigma."""
         if latents is None:
             latents = rng.standard_normal(self.latent_shape(batch_size, height, width), dtype=np.float32)
         return latents * np.float32(init_noise_sigma)
@@ -290,34 +296,39 @@ class BasePipeline:
             outs.append(self.run_engine("unet", feeds, where=f"step {step} (timestep {t})")["out_sample"])
         return _cat(outs)
 
-    def _constant_unet_feeds(self, embeds: np.ndarray, cfg: guidance.Guidance) -> dict[str, Any]:
+    def _constant_unet_feeds(self, embeds: np.ndarray, scales: np.ndarray | None) -> dict[str, Any]:
         """The U-Net feeds of these rows that no step changes, on the engine: the text embeddings and, for
-        a U-Net that embeds the guidance scale, its ``timestep_cond``."""
+        a U-Net that embeds the guidance scale, its ``timestep_cond`` from ``scales`` (one per row)."""
         feeds = {"encoder_hidden_states": self.to_engine("unet", "encoder_hidden_states", embeds)}
-        if cfg.embedded:
-            w = guidance.guidance_scale_embedding(np.full(len(embeds), cfg.scale), self.guidance_embedding_dim)
+        if scales is not None:
+            w = guidance.guidance_scale_embedding(scales, self.guidance_embedding_dim)
             feeds["timestep_cond"] = self.to_engine("unet", "timestep_cond", w)
         return feeds
 
     def denoise(self, latents: np.ndarray, timesteps: np.ndarray, sched: Any, embeds: np.ndarray,
-                cfg: guidance.Guidance, rng: np.random.Generator,
+                cfg: guidance.Guidance, rng: np.random.Generator | ImageGenerators,
                 callback: Callback | None = None, engine_batch: int | None = None,
-                step_kwargs: dict[str, Any] | None = None) -> np.ndarray:
+                step_kwargs: dict[str, Any] | None = None, cancel: Any = None) -> np.ndarray:
         """The sampling loop: scale input, one (guided) U-Net pass, scheduler step; returns z_0.
 
         A pass runs the U-Net on at most ``engine_batch`` images (2x rows with guidance) at a time
         (None: all); the scheduler steps the whole batch, so its noise draws do not depend on the split.
-        ``step_kwargs`` go to every scheduler step (``scheduler_step_kwargs``: tcd's eta).
+        ``step_kwargs`` go to every scheduler step (``scheduler_step_kwargs``: tcd's eta). ``cancel``
+        (see ``ldm_runtime.cancel``) is looked at before every step: once set, ``Cancelled`` is raised.
         """
         user_steps = sched.user_steps  # the callback ticks once per inference step, not per warm-up call
+        total = int(sum(user_steps))
         rows = None if engine_batch is None else engine_batch * (2 if cfg.enabled else 1)
         # the embeddings are the same for every step: cast (and placed on the device) once per engine batch
-        conds = [(r, self._constant_unet_feeds(embeds[r], cfg)) for r in _row_slices(len(embeds), rows)]
+        scales = cfg.row_scales(len(embeds)) if cfg.embedded else None  # embedded: never guided, one row per image
+        conds = [(r, self._constant_unet_feeds(embeds[r], None if scales is None else scales[r]))
+                 for r in _row_slices(len(embeds), rows)]
         step = [0]  # the model function reads the step index for its error messages
         # cfg_denoiser hands its cond on to the model function; _unet takes the per-batch conds instead
         denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, conds, step[0]), embeds, cfg)
         tick = 0
         for i, t in enumerate(timesteps):
+            raise_if_cancelled(cancel, f"step {tick + 1} of {total}")
             step[0] = i
             noise_pred = denoise(sched.scale_model_input(latents, t), t)
             latents = np.asarray(sched.step(noise_pred, t, latents, generator=rng, **(step_kwargs or {})),
@@ -328,13 +339,17 @@ class BasePipeline:
         return latents
 
     # -- input checks and the scheduler (all before any model runs) ----------------------------
-    def call_guidance(self, guidance_scale: float, guidance_rescale: float = 0.0) -> guidance.Guidance:
-        """The call's guidance: classifier-free, or (a U-Net with ``timestep_cond``) embedded, never unconditional."""
-        return guidance.Guidance(guidance_scale, guidance_rescale, embedded=self.guidance_embedding_dim is not None)
+    def call_guidance(self, guidance_scale: float | list[float], guidance_rescale: float = 0.0,
+                      num_images_per_prompt: int = 1) -> guidance.Guidance:
+        """The call's guidance: classifier-free, or (a U-Net with ``timestep_cond``) embedded, never unconditional.
+        A list of scales (one per prompt) becomes one scale per image."""
+        scale = (tuple(float(s) for s in guidance_scale for _ in range(num_images_per_prompt))
+                 if isinstance(guidance_scale, (list, tuple)) else guidance_scale)
+        return guidance.Guidance(scale, guidance_rescale, embedded=self.guidance_embedding_dim is not None)
 
     def _check_common(self, *, prompt: Any, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                       guidance_rescale: Any, num_images_per_prompt: Any, seed: Any, output_type: Any,
-                      callback: Any) -> tuple[list[str], list[str]]:
+                      callback: Any, cancel: Any = None) -> tuple[list[str], list[str]]:
         """The checks both pipelines share; returns (prompts, one negative prompt per prompt)."""
         prompts = _prompt_list(prompt)
         try:
@@ -347,21 +362,38 @@ class BasePipeline:
             raise PipelineInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise PipelineInputError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        if not isinstance(guidance_scale, numbers.Real) or not abs(float(guidance_scale)) <= FLOAT32_MAX:
-            raise PipelineInputError(f"guidance_scale must be a finite number within float32's range "
-                                     f"(|s| <= {FLOAT32_MAX:.3g}; the U-Net's outputs are scaled by it), "
-                                     f"got {guidance_scale!r}")
+        self._check_guidance_scale(guidance_scale, len(prompts))
         if not isinstance(guidance_rescale, numbers.Real) or not 0.0 <= float(guidance_rescale) <= 1.0:
             raise PipelineInputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         if self.guidance_embedding_dim is not None:
             self._check_embedded_guidance(negative_prompt, guidance_rescale)
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise PipelineInputError(f"seed must be None or an int >= 0, got {seed!r}")
+        _check_seed(seed, len(prompts) * num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise PipelineInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback is not None and not callable(callback):
             raise PipelineInputError(f"callback must be callable(step, timestep, latents), got {type(callback).__name__}")
+        if not is_token(cancel):
+            raise PipelineInputError(f"cancel must be None or an object with a bool attribute 'cancelled' (such as "
+                                     f"ldm_runtime.cancel.CancelToken), got {type(cancel).__name__}")
         return prompts, negatives
+
+    def _check_guidance_scale(self, guidance_scale: Any, num_prompts: int) -> None:
+        """A finite float32 number, or a list of one per prompt; a list for classifier-free guidance must be
+        all guided (> 1) or all unguided (<= 1): the two run different U-Net batches."""
+        scales = guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+        if isinstance(guidance_scale, (list, tuple)) and len(guidance_scale) != num_prompts:
+            raise PipelineInputError(f"guidance_scale has {len(guidance_scale)} entries but there are {num_prompts} "
+                                     "prompts; pass one scale per prompt, or a single number for all")
+        for s in scales:
+            if not isinstance(s, numbers.Real) or not abs(float(s)) <= FLOAT32_MAX:
+                raise PipelineInputError(f"guidance_scale must be a finite number within float32's range "
+                                         f"(|s| <= {FLOAT32_MAX:.3g}; the U-Net's outputs are scaled by it), or a list "
+                                         f"of one per prompt, got {guidance_scale!r}")
+        guided = {float(s) > 1.0 for s in scales}
+        if len(guided) > 1 and self.guidance_embedding_dim is None:
+            raise PipelineInputError(f"guidance_scale {list(guidance_scale)} mixes guided (> 1) and unguided (<= 1) "
+                                     "scales; one call runs all its prompts with classifier-free guidance or none: "
+                                     "split the call")
 
     def _check_embedded_guidance(self, negative_prompt: Any, guidance_rescale: float) -> None:
         """A U-Net that embeds the guidance scale runs no unconditional pass (as diffusers' LCM pipelines):
@@ -417,11 +449,12 @@ class BasePipeline:
             raise PipelineInputError(memory.refusal(plan, call, budget))
         return plan.engine_batch
 
-    def _output(self, latents: np.ndarray, output_type: str, seed: int, sched: Any, height: int, width: int,
+    def _output(self, latents: np.ndarray, output_type: str, seeds: list[int], sched: Any, height: int, width: int,
                 engine_batch: int | None = None) -> PipelineOutput:
         """6. decode, 7. postprocess, and what the call used."""
         images = postprocess(self.decode_latents(latents, engine_batch), output_type)
-        return PipelineOutput(images=images, seed=seed, scheduler=sched.name, height=height, width=width)
+        return PipelineOutput(images=images, seed=seeds[0], seeds=seeds, scheduler=sched.name, height=height,
+                              width=width)
 
 
 class Pipeline(BasePipeline):
@@ -429,12 +462,13 @@ class Pipeline(BasePipeline):
 
     def check_inputs(self, *, prompt: Any, negative_prompt: Any, height: Any, width: Any, num_inference_steps: Any,
                      guidance_scale: Any, guidance_rescale: Any, num_images_per_prompt: Any, seed: Any,
-                     latents: Any, output_type: Any, callback: Any) -> tuple[list[str], list[str]]:
+                     latents: Any, output_type: Any, callback: Any, cancel: Any = None) -> tuple[list[str], list[str]]:
         """Raise ``PipelineInputError`` for any argument that cannot work; return (prompts, negative prompts)."""
         prompts, negatives = self._check_common(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback,
+            cancel=cancel)
         self._check_size(height, width)
         if latents is not None:
             self._check_latents(latents, self.latent_shape(len(prompts) * num_images_per_prompt, height, width))
@@ -453,17 +487,18 @@ class Pipeline(BasePipeline):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | list[float] = 7.5,
         guidance_rescale: float = 0.0,
         scheduler: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         callback: Callback | None = None,
         eta: float = 0.0,
+        cancel: Any = None,
     ) -> PipelineOutput:
         """Generate images from text; argument names and meanings follow diffusers' StableDiffusionPipeline.
 
@@ -475,6 +510,16 @@ class Pipeline(BasePipeline):
         ``callback(step, timestep, latents)`` runs once per inference step. Without ``seed``,
         ``height`` or ``width`` the call picks them and reports them in the output. ``eta`` is
         tcd's gamma in [0, 1] (0: deterministic, diffusers' pipeline default); other schedulers take 0.
+        ``cancel``: None, or an object with a ``cancelled`` bool (``ldm_runtime.cancel.CancelToken``)
+        that another thread may set; it is looked at before the text encoder, before every denoise step
+        and before the VAE decoder, and once set the call raises ``ldm_runtime.cancel.Cancelled``
+        (saying where, e.g. "cancelled before step 3 of 20") and runs nothing further.
+
+        Batches of unlike requests: ``seed`` may be a list of one int per image (prompts x
+        num_images_per_prompt, prompt-major), and image i is then the image of the one-prompt,
+        one-image call with ``seed=seed[i]`` (its own random stream, see ``ldm_runtime.rng``);
+        ``guidance_scale`` may be a list of one float per prompt, all above 1 or all at most 1
+        (a U-Net that embeds the scale takes any mix). An int seed draws one stream for the batch.
         """
         # 1. check inputs, build the scheduler (nothing runs before both pass)
         dh, dw = self.manifest.default_size
@@ -483,16 +528,16 @@ class Pipeline(BasePipeline):
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, output_type=output_type,
-            callback=callback)
+            callback=callback, cancel=cancel)
         sched = self.prepare_scheduler(scheduler, num_inference_steps)
         step_kwargs = self.scheduler_step_kwargs(sched, eta)
-        cfg = self.call_guidance(guidance_scale, guidance_rescale)
+        cfg = self.call_guidance(guidance_scale, guidance_rescale, num_images_per_prompt)
         batch = len(prompts) * num_images_per_prompt
         engine_batch = self.plan_memory(memory.CallShape(len(prompts), batch, height, width, cfg.enabled))
         shapes = self.engine_shapes(min(len(prompts), engine_batch), min(batch, engine_batch), height, width, cfg.enabled)
         self.check_engine_shapes({k: v for k, v in shapes.items() if k != "vae_encoder"})
-        seed = _pick_seed(seed)
-        rng = np.random.default_rng(seed)
+        seeds, rng = call_generator(seed, batch)
+        raise_if_cancelled(cancel, "the text encoder")
         self.open_engines(("text_encoder", "unet", "vae_decoder"))  # together, on the first call
 
         # 2. encode prompt: (B*n, L, D), and the [negative; prompt] batch when guided
@@ -507,10 +552,11 @@ class Pipeline(BasePipeline):
         z = self.prepare_latents(batch, height, width, rng, latents, sched.init_noise_sigma)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs, cancel)
 
         # 6. decode, 7. postprocess
-        return self._output(z, output_type, seed, sched, height, width, engine_batch)
+        raise_if_cancelled(cancel, "the VAE decoder")
+        return self._output(z, output_type, seeds, sched, height, width, engine_batch)
 
 
 class Img2ImgPipeline(BasePipeline):
@@ -518,13 +564,19 @@ class Img2ImgPipeline(BasePipeline):
 
     required_components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
-    def encode_image(self, image: np.ndarray, rng: np.random.Generator, engine_batch: int | None = None) -> np.ndarray:
+    def encode_image(self, image: np.ndarray, rng: np.random.Generator | ImageGenerators,
+                     engine_batch: int | None = None) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> scaled latents: a posterior draw mean + exp(logvar/2) * eps, eps from ``rng``
-        (drawn for the whole batch, whatever ``engine_batch``: the images per encoder run)."""
+        (drawn for the whole batch, whatever ``engine_batch``: the images per encoder run). With per-image
+        generators (``ldm_runtime.rng``) each output image draws its own eps: the B images' latents are
+        repeated to one row per generator first (images in prompt order, as ``np.repeat``)."""
         outs = [self.run_engine("vae_encoder", {"image": image[rows]}, where="encode_image")
                 for rows in _row_slices(len(image), engine_batch)]
         mean, logvar = _cat([o["mean"] for o in outs]), _cat([o["logvar"] for o in outs])
         self.check_vae_factor("vae_encoder", image.shape[2:], mean.shape[2:])
+        if isinstance(rng, ImageGenerators):
+            rows = np.repeat(np.arange(len(mean)), len(rng) // len(mean))
+            mean, logvar = mean[rows], logvar[rows]
         logvar = np.clip(logvar, -30.0, 20.0)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
         z = mean + np.exp(np.float32(0.5) * logvar) * eps
@@ -534,18 +586,20 @@ class Img2ImgPipeline(BasePipeline):
 
     def check_inputs(self, *, prompt: Any, image: Any, strength: Any, negative_prompt: Any, num_inference_steps: Any,
                      guidance_scale: Any, guidance_rescale: Any, num_images_per_prompt: Any, seed: Any,
-                     output_type: Any, callback: Any) -> tuple[list[str], list[str], np.ndarray]:
+                     output_type: Any, callback: Any, cancel: Any = None) -> tuple[list[str], list[str], np.ndarray]:
         """Raise ``PipelineInputError`` for any argument that cannot work; return (prompts, negative prompts,
         the image(s) as float32 (Bi, 3, H, W) in [-1, 1])."""
         prompts, negatives = self._check_common(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback,
+            cancel=cancel)
         dims = _image_dims(image)
         if dims is not None:  # refuse an image too large before converting it (preprocess copies it several times)
             count, h, w = dims
             self.plan_memory(memory.CallShape(len(prompts), len(prompts) * num_images_per_prompt, h, w,
-                                              self.call_guidance(guidance_scale).enabled, count))
+                                              self.call_guidance(guidance_scale, 0.0, num_images_per_prompt).enabled,
+                                              count))
         try:
             pixels = preprocess(image, self.vae_scale_factor)
         except (TypeError, ValueError) as e:
@@ -564,14 +618,15 @@ class Img2ImgPipeline(BasePipeline):
         strength: float = 0.8,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | list[float] = 7.5,
         guidance_rescale: float = 0.0,
         scheduler: str | None = None,
         num_images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         output_type: str = "pil",
         callback: Callback | None = None,
         eta: float = 0.0,
+        cancel: Any = None,
     ) -> PipelineOutput:
         """Transform ``image`` (PIL, list of PIL, uint8 or float [0, 1] array, (H, W, 3) or (B, H, W, 3)) along ``prompt``.
 
@@ -579,23 +634,25 @@ class Img2ImgPipeline(BasePipeline):
         to the first kept timestep, and int(num_inference_steps * strength) steps denoise it, as
         in diffusers' StableDiffusionImg2ImgPipeline (lcm: strength cuts its distillation grid and
         all the steps run, as in LatentConsistencyModelImg2ImgPipeline). The output size is the
-        image's size. ``eta`` as in ``Pipeline.__call__``.
+        image's size. ``eta``, ``cancel``, a list of seeds (each image's posterior draw and noise
+        from its own stream) and a list of guidance scales as in ``Pipeline.__call__``.
         """
         # 1. check inputs, build the scheduler
         prompts, negatives, pixels = self.check_inputs(
             prompt=prompt, image=image, strength=strength, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback)
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback,
+            cancel=cancel)
         sched = self.prepare_scheduler(scheduler, num_inference_steps, strength)
         step_kwargs = self.scheduler_step_kwargs(sched, eta)
-        cfg = self.call_guidance(guidance_scale, guidance_rescale)
+        cfg = self.call_guidance(guidance_scale, guidance_rescale, num_images_per_prompt)
         height, width = pixels.shape[2:]
         batch = len(prompts) * num_images_per_prompt
         engine_batch = self.plan_memory(memory.CallShape(len(prompts), batch, height, width, cfg.enabled, len(pixels)))
         self.check_engine_shapes(self.engine_shapes(min(len(prompts), engine_batch), min(batch, engine_batch), height,
                                                     width, cfg.enabled, min(len(pixels), engine_batch)))
-        seed = _pick_seed(seed)
-        rng = np.random.default_rng(seed)
+        seeds, rng = call_generator(seed, batch)
+        raise_if_cancelled(cancel, "the text encoder")
         self.open_engines()  # together, on the first call
 
         # 2. encode prompt
@@ -613,10 +670,11 @@ class Img2ImgPipeline(BasePipeline):
         z = np.asarray(sched.add_noise(z0, noise, timesteps[:1]), dtype=np.float32)
 
         # 5. denoise loop
-        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs)
+        z = self.denoise(z, timesteps, sched, cond, cfg, rng, callback, engine_batch, step_kwargs, cancel)
 
         # 6. decode, 7. postprocess
-        return self._output(z, output_type, seed, sched, height, width, engine_batch)
+        raise_if_cancelled(cancel, "the VAE decoder")
+        return self._output(z, output_type, seeds, sched, height, width, engine_batch)
 
 
 def load_tokenizer(manifest: Manifest) -> CLIPTokenizer:
@@ -643,31 +701,52 @@ def guidance_embedding_dim(manifest: Manifest) -> int | None:
 
 def files_in_use(manifest: Manifest, components: tuple[str, ...], backend: str, device: str,
                  cpu_variant: bool = True) -> list[str]:
-    """The bundle files a pipeline of ``components`` on ``backend``/``device`` can read.
+    """The bundle files a pipeline of ``components`` on ``backend``/``device`` reads, and no others.
 
-    The tokenizer's files and, per component, the graph it opens with its external data: on
-    onnxruntime CPU the ``cpu_variant`` (fused attention, see export/optimize.py) when the bundle
-    has one, else the portable graph; then the files in ``files`` no component owns (engine plans).
+    The tokenizer's files, then each component's as its backend opens it (``component_files``).
     Every name is checked to lie inside the bundle (``Manifest.path``, naming its manifest field);
     the names come from the fields that point at them, so ``files`` must list each (see ``verify_files``).
     """
     named = [(tok, f"tokenizer.{key}") for key in ("vocab", "merges") if (tok := manifest.tokenizer.get(key)) is not None]
     for comp in (c for c in components if c in manifest.data["components"]):
-        named += graph_files(manifest, comp, backend == "onnxruntime" and device == "cpu" and cpu_variant)
+        named += component_files(manifest, comp, backend, device, cpu_variant)
     for rel, field in named:
         manifest.path(rel, field=field)
-    owned = {rel for comp in manifest.data["components"] for variant in (True, False)
-             for rel, _ in graph_files(manifest, comp, variant)}
-    return list(dict.fromkeys([rel for rel, _ in named] + [f for f in manifest.data["files"] if f not in owned]))
+    return list(dict.fromkeys(rel for rel, _ in named))
+
+
+def component_files(manifest: Manifest, component: str, backend: str, device: str,
+                    cpu_variant: bool = True) -> list[tuple[Any, str]]:
+    """(file, manifest field) of what ``backend`` reads to open ``component`` on ``device``: on onnxruntime
+    a graph and its external data (``graph_files``; on the CPU the ``cpu_variant`` where the bundle has
+    one and ``cpu_variant`` is true), on TensorRT its plans (``plan_files``)."""
+    if backend == "onnxruntime":
+        return graph_files(manifest, component, device == "cpu" and cpu_variant)
+    if backend == "tensorrt":
+        return plan_files(manifest, component)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def graph_files(manifest: Manifest, component: str, cpu_variant: bool) -> list[tuple[Any, str]]:
-    """(file, manifest field) of the graph ``component`` opens and its external data."""
+    """(file, manifest field) of the ONNX graph onnxruntime opens for ``component`` and its external data
+    (the ``cpu_variant`` one when asked and the bundle has one, else the portable graph)."""
     entry, where = manifest.data["components"][component], f"components.{component}"
     if cpu_variant and (entry.get("cpu_variant") or {}).get("file"):
         entry, where = entry["cpu_variant"], f"{where}.cpu_variant"
     data = entry.get("external_data") or []
     return [(entry.get("file"), f"{where}.file"), *((f, f"{where}.external_data[{i}]") for i, f in enumerate(data))]
+
+
+def plan_files(manifest: Manifest, component: str) -> list[tuple[Any, str]]:
+    """(file, manifest field) of the TensorRT plans of ``component`` built from the bundle's ONNX graph as
+    it is now (one per GPU and TensorRT version built for; the engine opens the one for this machine).
+    TensorRT reads neither the ONNX graphs nor their weights."""
+    from .backends.tensorrt import component_onnx_sha256
+
+    current = component_onnx_sha256(manifest.data, component)
+    engines = manifest.data.get("engines") or {}
+    return [(rec.get("file"), f"engines.{key}.file") for key, rec in engines.items()
+            if isinstance(rec, dict) and rec.get("component") == component and rec.get("onnx_sha256") == current]
 
 
 def verify_files(manifest: Manifest, names: list[str]) -> None:
@@ -736,9 +815,17 @@ def _image_dims(image: Any) -> tuple[int, int, int] | None:
     return None
 
 
-def _pick_seed(seed: int | None) -> int:
-    """``seed``, or a random one when None (the call reports it, so the image can be made again)."""
-    return secrets.randbelow(2**32) if seed is None else int(seed)
+def _check_seed(seed: Any, batch: int) -> None:
+    """None, an int >= 0, or a list of one int >= 0 per image (``batch``: prompts x num_images_per_prompt)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise PipelineInputError(f"seed has {len(seed)} entries but the call makes {batch} images "
+                                     "(prompts x num_images_per_prompt); pass one seed per image, or a single int")
+        bad = [(i, s) for i, s in enumerate(seed) if not _is_int(s) or s < 0]
+        if bad:
+            raise PipelineInputError(f"seed must be a list of ints >= 0, got {bad[0][1]!r} at index {bad[0][0]}")
+    elif seed is not None and (not _is_int(seed) or seed < 0):
+        raise PipelineInputError(f"seed must be None or an int >= 0 (or a list of one per image), got {seed!r}")
 
 
 # diffusers' name for the text-to-image pipeline

@@ -103,6 +103,51 @@ def build_tiny_diffusers(path: Path, prediction_type: str = "epsilon", seed: int
     return path
 
 
+TINY_SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
+                      attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                      addition_time_embed_dim=8, norm_num_groups=8, sample_size=8,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+TINY_SDXL_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def build_tiny_sdxl(path: Path, refiner: bool = False, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """Save a tiny ``StableDiffusionXLPipeline`` (random weights, fixed seed, real CLIP vocabulary) to ``path``.
+
+    Two text encoders of width 32 (context 64; the second with a 32-wide projection) and a
+    ``tokenizer_2`` that pads with ``!`` as SDXL's does; VAE scaling factor 0.13025 and
+    ``force_upcast``. ``refiner=True``: a ``StableDiffusionXLImg2ImgPipeline`` with only
+    ``text_encoder_2``/``tokenizer_2`` (context 32), 5 time ids and ``requires_aesthetics_score``.
+    """
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    n_ids = 5 if refiner else 6
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(cross_attention_dim=32 if refiner else 64,
+                                projection_class_embeddings_input_dim=n_ids * 8 + 32, **TINY_SDXL_UNET)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.13025, force_upcast=True, **TINY_VAE)
+    text_cfg = dict(TINY_TEXT, hidden_act="gelu", projection_dim=32)
+    text = None if refiner else CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    vocab, merges = str(CLIP_BPE / "vocab.json"), str(CLIP_BPE / "merges.txt")
+    tokenizer = None if refiner else CLIPTokenizer(vocab, merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!")
+    parts = dict(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                 unet=unet, scheduler=EulerDiscreteScheduler(**TINY_SDXL_SCHEDULER), add_watermarker=False)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(request, tmp_path_factory) -> Path:
     """A tiny diffusers pipeline folder; ``request.param`` (if parametrised) is the prediction type."""

@@ -23,10 +23,11 @@ import onnx
 import pytest
 import torch
 
-from export import onnx_export
+from export import onnx_export, parity
 from export.bundle import export_bundle, sweep_stale
 from export.cli import export_main
-from export.onnx_export import FP16_GATES, ParityError, parity_metrics, wrap
+from export.onnx_export import ParityError, wrap
+from export.parity import FP16_GATES, parity_metrics
 from export.specs import ModelDims, ProfileError, component_spec, profile, sample_inputs
 from export.tensorrt import profile_shapes
 from ldm_runtime.backends import load_engine
@@ -35,11 +36,6 @@ from training.checkpoint import load_models
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-# the fp16 bundle writes models over 1 MB of weights (text encoder, U-Net) with external data,
-# so every test below that reads it also runs that path
-EXTERNAL_THRESHOLD = 1_000_000
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def bundles(sources, tmp_path_factory) -> dict[str, Path]:
     assert stdout.getvalue().strip().splitlines()[-1] == str((root / "tiny-fp32").absolute())  # the last line: the bundle
     print(f"fp32 bundle (diffusers folder, CLI) exported in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    fp16 = export_bundle(sources["fp16"], root / "tiny-fp16", precision="fp16", threshold_bytes=EXTERNAL_THRESHOLD)
+    fp16 = export_bundle(sources["fp16"], root / "tiny-fp16", precision="fp16")
     print(f"fp16 bundle (checkpoint) exported in {time.perf_counter() - t0:.1f} s")
     return {"fp32": root / "tiny-fp32", "fp16": fp16}
 
@@ -195,21 +191,26 @@ def test_manifest(bundles, precision, tmp_path):
         onnx.shape_inference.infer_shapes_path(str(path), str(tmp_path / f"{name}.inferred.onnx"), strict_mode=True)
         assert comp["nodes"]["after"] < comp["nodes"]["before"], comp["nodes"]
         assert comp["parity"]["passed"]
-        assert comp["external_data"] == ([f"{name}.onnx.data"] if precision == "fp16" and name in ("unet", "text_encoder") else [])
+        assert comp["external_data"] == [f"{name}.weights"]  # every graph: its weights once, beside it
         print(f"{name} ({precision}): nodes {comp['nodes']}, parity {comp['parity']['gate']['metric']}="
               f"{comp['parity'][comp['parity']['gate']['metric']]:.3g}")
         floats = [s["dtype"] for s in comp["inputs"] + comp["outputs"] if s["dtype"].startswith("float")]
         if precision == "fp32":
             assert set(floats) == {"float32"}
-            # the onnxruntime-CPU variant beside the portable graph: attention fused, gated against it
-            var = comp["cpu_variant"]
-            fused = [n.op_type for n in onnx.load(str(bundle / var["file"])).graph.node]
-            print(f"  CPU variant {var['file']}: {var['fused_attention']} attentions fused, "
-                  f"max_abs_rel {var['parity']['value']:.1e}")
-            assert var["file"] == f"{name}.cpu.onnx" and var["parity"]["value"] <= 1e-4
-            assert fused.count("MultiHeadAttention") == var["fused_attention"]
-            if name == "unet":  # every attention of the U-Net is fused (the text encoder's causal one is not)
-                assert var["fused_attention"] > 0 and "Softmax" not in fused
+            # the onnxruntime-CPU variant beside the portable graph: attention fused, gated against it; none
+            # where nothing fuses (the text encoder's causal attention is left as it is)
+            if name in ("unet", "vae_decoder", "text_encoder"):
+                assert ("cpu_variant" in comp) == (name != "text_encoder"), name
+            if "cpu_variant" in comp:
+                var = comp["cpu_variant"]
+                assert var["external_data"] == comp["external_data"]  # it reads the portable graph's weights
+                fused = [n.op_type for n in onnx.load(str(bundle / var["file"])).graph.node]
+                print(f"  CPU variant {var['file']}: {var['fused_attention']} attentions fused, "
+                      f"max_abs_rel {var['parity']['value']:.1e}")
+                assert var["file"] == f"{name}.cpu.onnx" and var["parity"]["value"] <= 1e-4
+                assert fused.count("MultiHeadAttention") == var["fused_attention"]
+                if name == "unet":  # every attention of the U-Net is fused
+                    assert var["fused_attention"] > 0 and "Softmax" not in fused
         else:
             assert "cpu_variant" not in comp  # fp16 bundles: onnxruntime's CPU kernels cast fp16 anyway
             want = ["float32" if s["name"] == "timestep" else "float16" for s in comp["inputs"] + comp["outputs"]
@@ -275,20 +276,18 @@ def test_unk_token_survives_export(tmp_path):
     assert ours.unk_token_id == 0 and (ours(["a cat!"]) == 0).sum() == 1  # the bare "!" id, not "!</w>"
 
 
-def test_external_data_with_lowered_threshold(bundles, models):
-    """The fp16 bundle's U-Net and text encoder pass the lowered threshold: graph + one data file."""
+def test_weights_as_external_data(bundles, models):
+    """Every graph of the fp16 bundle keeps its weights in ``<component>.weights`` (see test_bundle_weights.py)."""
     out = bundles["fp16"]
     man = Manifest.load(out)
-    for name in ("unet", "text_encoder"):
-        comp = man.data["components"][name]
-        assert comp["external_data"] == [f"{name}.onnx.data"] and f"{name}.onnx.data" in man.data["files"]
-        graph_bytes, data_bytes = (out / f"{name}.onnx").stat().st_size, (out / f"{name}.onnx.data").stat().st_size
+    for name, comp in man.data["components"].items():
+        assert comp["external_data"] == [f"{name}.weights"] and f"{name}.weights" in man.data["files"]
+        graph_bytes, data_bytes = (out / f"{name}.onnx").stat().st_size, (out / f"{name}.weights").stat().st_size
         print(f"{name}: graph {graph_bytes} B, external data {data_bytes} B")
-        assert data_bytes > EXTERNAL_THRESHOLD > graph_bytes
+        assert data_bytes > graph_bytes
         light = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
         assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer) >= 10
         onnx.checker.check_model(str(out / f"{name}.onnx"))
-    assert man.data["components"]["vae_decoder"]["external_data"] == []
     # the runtime opens it from the manifest (parity across shapes: test_component_parity_dynamic_shapes)
     ids = sample_inputs(component_spec("text_encoder", ModelDims(hidden_size=32)), ModelDims(hidden_size=32), 1, 64, 64)
     got = load_engine(man, "text_encoder").run(ids)["last_hidden_state"]
@@ -329,7 +328,7 @@ def test_parity_failure_keeps_old_bundle_then_replace(tiny_checkpoint_dir, monke
     out = export_bundle(tiny_checkpoint_dir, tmp_path / "b", components="text_encoder")
     before = (out / "manifest.json").read_bytes()
     (out / "stale.txt").write_text("from the old bundle")
-    monkeypatch.setattr(onnx_export, "FP32_GATE", ("max_abs_rel", -1.0, "max"))  # nothing can pass
+    monkeypatch.setattr(parity, "FP32_GATE", ("max_abs_rel", -1.0, "max"))  # nothing can pass
     with pytest.raises(ParityError, match="text_encoder"):
         export_bundle(tiny_checkpoint_dir, out, components="text_encoder")
     assert (out / "manifest.json").read_bytes() == before and (out / "stale.txt").is_file()
@@ -420,7 +419,7 @@ def test_cli_errors(tiny_checkpoint_dir, tmp_path, capsys, monkeypatch):
     seen.append(line)
     assert "70" in line and "multiple" in line and not out.exists() and _siblings(out) == ["empty", "photos"]
 
-    monkeypatch.setattr(onnx_export, "FP32_GATE", ("max_abs_rel", -1.0, "max"))
+    monkeypatch.setattr(parity, "FP32_GATE", ("max_abs_rel", -1.0, "max"))
     assert export_main([str(tiny_checkpoint_dir), str(out), "--components", "text_encoder", "-q"]) == 1
     line = _one_line(capsys.readouterr().err)
     seen.append(line)

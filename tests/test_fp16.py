@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from export.fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, io_dtypes, policy_for
 from export.graph_copy import infer_shapes
+from export.parity import rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -42,10 +43,6 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], emulate: bool = F
         feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return [o.astype(np.float32) for o in sess.run(None, feeds)]
-
-
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
 class MiniBlock(nn.Module):
@@ -119,7 +116,7 @@ def test_mini_block_types_and_parity(mini):
         (got,) = _run(model, {"sample": x, "timestep": t})
         (emu,) = _run(model, {"sample": x, "timestep": t}, emulate=True)
         (got32,) = _run(fp32_model, {"sample": x16, "timestep": t})
-        e16, e_emu, e32 = _rel_l2(got, ref), _rel_l2(emu, ref), _rel_l2(got32, ref)
+        e16, e_emu, e32 = rel_l2(got, ref), rel_l2(emu, ref), rel_l2(got32, ref)
         print(f"shape {shape}: fp16 rel L2 {e16:.2e} (emulated {e_emu:.2e}), fp32 rel L2 {e32:.2e}")
         assert np.isfinite(got).all() and np.isfinite(emu).all()
         assert e16 <= 1e-2 and e_emu <= 1e-2 and e32 <= 1e-5
@@ -161,10 +158,10 @@ def test_norm_reduction_overflows_without_fp32(tmp_path):
     bad, _ = convert_to_fp16(onnx.load(str(tmp_path / "rms.onnx")), Fp16Policy(keep_ops=frozenset()))
     (g,), (b,) = _run(good, {"x": x}, emulate=True), _run(bad, {"x": x}, emulate=True)
     (b_cpu,) = _run(bad, {"x": x})
-    print(f"RMS norm at scale 300: kept {rep.fp32_op_types}: rel L2 {_rel_l2(g, ref):.2e}; all fp16 (emulated): "
+    print(f"RMS norm at scale 300: kept {rep.fp32_op_types}: rel L2 {rel_l2(g, ref):.2e}; all fp16 (emulated): "
           f"max |y| {np.abs(b).max():.2e} vs {np.abs(ref).max():.2e}; all fp16 on onnxruntime CPU: rel L2 "
-          f"{_rel_l2(b_cpu, ref):.2e} (its fp32 fallback kernels hide the overflow)")
-    assert np.isfinite(g).all() and _rel_l2(g, ref) <= 1e-2
+          f"{rel_l2(b_cpu, ref):.2e} (its fp32 fallback kernels hide the overflow)")
+    assert np.isfinite(g).all() and rel_l2(g, ref) <= 1e-2
     assert np.abs(b).max() < 1e-3 * np.abs(ref).max()  # the fp16 sum of squares is inf: y collapses to 0
 
 
@@ -187,8 +184,8 @@ def test_attention_scores_overflow_without_fp32(tmp_path):
     bad, _ = convert_to_fp16(onnx.load(str(tmp_path / "att.onnx")), Fp16Policy(attention_fp32=False, keep_ops=frozenset()))
     (g,), (b,) = _run(good, feeds, emulate=True), _run(bad, feeds, emulate=True)
     print(f"attention logits max |q.k| {np.abs(q @ k.transpose(0, 2, 1)).max():.2e}: fp32 scores rel L2 "
-          f"{_rel_l2(g, ref):.2e}; fp16 scores {int((~np.isfinite(b)).sum())} non-finite of {b.size}")
-    assert np.isfinite(g).all() and _rel_l2(g, ref) <= 1e-2
+          f"{rel_l2(g, ref):.2e}; fp16 scores {int((~np.isfinite(b)).sum())} non-finite of {b.size}")
+    assert np.isfinite(g).all() and rel_l2(g, ref) <= 1e-2
     assert (~np.isfinite(b)).sum() > 0
 
 

@@ -140,7 +140,7 @@ def _unet_inputs(manifest) -> dict:
 def test_export_describes_timestep_cond_and_matches_diffusers(lcm_dir, lcm_bundle):
     from diffusers import UNet2DConditionModel
 
-    from export.onnx_export import parity_metrics
+    from export.parity import parity_metrics
     from ldm_runtime.backends import load_engine
     from ldm_runtime.manifest import Manifest
 

@@ -202,3 +202,41 @@ def test_v_prediction_matches_diffusers(sd, scheduler):
     assert sd.pipe.scheduler_config["prediction_type"] == "v_prediction" == sd.config["prediction_type"]
     ours, ref = run_both(sd, scheduler, prompt=PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=latents(1))
     check(ours, ref, f"v_prediction {scheduler}")
+
+
+# -- SD-Turbo-style use: a folder whose scheduler spaces its timesteps "trailing", 1 to 4 steps, guidance 0 --
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory) -> Setup:
+    from conftest import build_tiny_diffusers
+
+    folder = build_tiny_diffusers(tmp_path_factory.mktemp("turbo") / "tiny-sd-turbo")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(cfg_path.read_text())
+    # what SD-Turbo ships: EulerDiscreteScheduler with trailing spacing (SDXL-Turbo: the ancestral one)
+    config.update({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"})
+    cfg_path.write_text(json.dumps(config))
+    bundle = export_bundle(folder, tmp_path_factory.mktemp("turbo-bundle") / "bundle", precision="fp32",
+                           components=("text_encoder", "unet", "vae_decoder"))
+    return Setup(folder, bundle)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_turbo_style_trailing_guidance_zero_matches_diffusers(turbo, monkeypatch, scheduler, steps):
+    assert turbo.pipe.scheduler_name == "euler"  # the bundle's own, from the folder
+    seed = 5
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    randn = NumpyRandn(rng)  # euler_a draws once per step, the last one included (diffusers' RNG stream)
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler][0])
+    monkeypatch.setattr(sys.modules[cls.__module__], "randn_tensor", randn)
+    ours = turbo.pipe(PROMPT, num_inference_steps=steps, guidance_scale=0.0, scheduler=scheduler, seed=seed,
+                      output_type="np").images
+    ref_pipe = turbo.use(scheduler)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(z),
+                       output_type="np").images
+    # trailing spacing reaches timestep 999 at one step; the first sigma is sigma max
+    assert float(ref_pipe.scheduler.timesteps[0]) == 999.0
+    assert randn.shapes == ([(1, 4, 8, 8)] * steps if scheduler == "euler_a" else [])
+    check(ours, ref, f"turbo-style {scheduler}, {steps} steps, guidance 0")

@@ -643,3 +643,12 @@ def test_step_before_set_timesteps_and_bad_steps(name):
 def test_runtime_does_not_import_torch():
     code = "import sys, ldm_runtime.schedulers; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_leading_spacing_past_the_schedule_is_refused():
+    # 1000 steps of 1000 with steps_offset 1 would start at timestep 1000 (diffusers: an IndexError)
+    from ldm_runtime.noise_schedule import spaced_timesteps
+
+    assert spaced_timesteps(999, 1000, "leading", 1)[0] == 999  # the last that fits
+    with pytest.raises(ValueError, match=r"reach timestep 1000, past the schedule's last \(999\)"):
+        spaced_timesteps(1000, 1000, "leading", 1)

@@ -37,9 +37,8 @@ from export.tensorrt import (
     parity_check,
     parity_shape_sets,
     profile_shapes,
-    random_feeds,
-    rel_l2,
 )
+from export.parity import rel_l2
 from ldm_runtime.backends import EngineInputError, load_engine
 from ldm_runtime.backends.tensorrt import (
     GpuInfo,
@@ -53,6 +52,7 @@ from ldm_runtime.backends.tensorrt import (
     set_device_memory,
 )
 from ldm_runtime.manifest import MANIFEST_NAME, BundleError, Manifest, atomic_write_json, new_manifest, record_file
+from ldm_runtime.shapes import random_feeds
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tools/ is a folder of the repository, not an installed package
@@ -341,7 +341,7 @@ def test_random_feeds_dtypes_shapes_ranges():
     specs = [TensorSpec("sample", "float16", ("B", 4, "h", "w")), TensorSpec("timestep", "float32", ("B",)),
              TensorSpec("input_ids", "int64", ("B", 77)), TensorSpec("image", "float16", ("B", 3, "H", "W"))]
     shapes = {"sample": (2, 4, 8, 8), "timestep": (2,), "input_ids": (2, 77), "image": (1, 3, 16, 16)}
-    f = random_feeds(specs, shapes, np.random.default_rng(0), int_high=50)
+    f = random_feeds(specs, shapes, np.random.default_rng(0), vocab_size=50)
     assert {k: (v.dtype.name, v.shape) for k, v in f.items()} == {
         "sample": ("float16", (2, 4, 8, 8)), "timestep": ("float32", (2,)),
         "input_ids": ("int64", (2, 77)), "image": ("float16", (1, 3, 16, 16))}
@@ -373,7 +373,7 @@ def test_parity_check_against_onnxruntime(tmp_path):
             (out,) = sess.run(["out_sample"], feeds)
             return {"out_sample": out.astype(np.float64) * (1 + eps)}
 
-        res = parity_check(root / "unet.onnx", info.inputs, info.outputs, shape_sets, fake_run, 1e-2, seed=0, int_high=100)
+        res = parity_check(root / "unet.onnx", info.inputs, info.outputs, shape_sets, fake_run, 1e-2, seed=0, vocab_size=100)
         print(f"eps {eps:.0e}: measured rel L2 {res['worst']:.6e}")
         assert res["worst"] == pytest.approx(eps, rel=1e-9)
         assert res["passed"] is passed and len(res["checks"]) == 2

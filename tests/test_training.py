@@ -89,7 +89,7 @@ def test_cli_reports_bad_options_and_data_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown option --max_stepz" in err and "--max_steps" in err
     assert cli_main(["train", "gan"]) == 2
-    assert "expected 'vae', 'unet' or 'set-vae'" in capsys.readouterr().err
+    assert "expected 'vae', 'unet', 'lcm' or 'set-vae'" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "cat.png").write_bytes(b"not a png")  # unreadable, and without a caption

@@ -234,7 +234,8 @@ BAD = [
     ("up_block_types", ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
     ("up_block_types", ["UpBlock2D", "ResnetUpsampleBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
     ("attention_type", "gated"), ("num_attention_heads", 8), ("attention_head_dim", [8, 8]),
-    ("transformer_layers_per_block", [1, 2, 10, 10]), ("reverse_transformer_layers_per_block", [[1], [2]]),
+    ("transformer_layers_per_block", [[1, 1], [2, 2], [1, 1], [1, 1]]), ("transformer_layers_per_block", [1, 2]),
+    ("reverse_transformer_layers_per_block", [[1], [2]]),
     ("mid_block_only_cross_attention", True), ("resnet_skip_time_act", True), ("resnet_out_scale_factor", 2.0),
     ("time_embedding_act_fn", "silu"), ("timestep_post_act", "silu"), ("cross_attention_norm", "group_norm"),
     ("class_embeddings_concat", True), ("addition_time_embed_dim", 256), ("downsample_padding", 0),
@@ -251,9 +252,11 @@ def test_from_diffusers_refuses(key: str, value) -> None:
     assert isinstance(e.value, ValueError)
 
 
-def test_from_diffusers_refuses_sdxl_and_class_embeddings() -> None:
-    with pytest.raises(UnsupportedConfigError, match="addition_embed_type='text_time'") as e:
-        UNetConfig.from_diffusers(_sdxl_like())
+def test_from_diffusers_refuses_sdxl_extras_and_class_embeddings() -> None:
+    # SDXL's text_time conditioning imports (tests/test_unet_sdxl.py); an IP-Adapter's image projection does not
+    assert UNetConfig.from_diffusers(_sdxl_like()).addition_embed_type == "text_time"
+    with pytest.raises(UnsupportedConfigError, match="encoder_hid_dim_type='ip_image_proj'.*IP-Adapter") as e:
+        UNetConfig.from_diffusers(dict(_sdxl_like(), encoder_hid_dim_type="ip_image_proj", encoder_hid_dim=1280))
     print(e.value)
     with pytest.raises(UnsupportedConfigError, match="class_embed_type='projection'"):
         UNetConfig.from_diffusers(dict(SD21, class_embed_type="projection",

@@ -9,16 +9,23 @@ Our checkpoint folder::
       text_encoder/config.json       our TextEncoderConfig     text_encoder/model.safetensors
       tokenizer/vocab.json, merges.txt, tokenizer_config.json
       scheduler/scheduler_config.json   diffusers keys, with "_class_name"
+    SDXL checkpoints add (the marker then holds an "sdxl" object, see ``SDXLOptions``):
+      text_encoder_2/config.json     our TextEncoderConfig with projection_dim   text_encoder_2/model.safetensors
+      tokenizer_2/vocab.json, merges.txt, tokenizer_config.json
+    and a refiner has no text_encoder/ and tokenizer/.
 
 A diffusers pipeline folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/
 scheduler/``; a ``StableDiffusionPipeline`` or a ``LatentConsistencyModelPipeline``, whose U-Net
-takes a guidance embedding) loads into the same models: its configs are mapped to ours
-(unsupported features are refused by the config mappers) and its weights load by name, since our
-parameter names are diffusers'/transformers' own. Weights are read from safetensors only; nothing is unpickled.
+takes a guidance embedding; or a ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``
+with ``text_encoder_2/ tokenizer_2/`` too) loads into the same models: its configs are mapped to
+ours (unsupported features are refused by the config mappers) and its weights load by name, since
+our parameter names are diffusers'/transformers' own. Weights are read from safetensors only;
+nothing is unpickled.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -46,25 +53,69 @@ FORMAT = "ldm-checkpoint"
 FORMAT_VERSION = 1
 MARKER = "ldm_checkpoint.json"
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# model_index.json entries of an SDXL folder: components read here, and those that may be set but are not used
+SDXL_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+SDXL_UNUSED_COMPONENTS = ("feature_extractor",)  # only IP-Adapter (image_encoder, refused) reads it
 
 
 class CheckpointError(ValueError):
     """A checkpoint or diffusers folder that cannot be loaded; the message names the file."""
 
 
+@dataclass(frozen=True)
+class SDXLOptions:
+    """What an SDXL pipeline folder says besides its models (the checkpoint marker's "sdxl" object)."""
+
+    pipeline: str = "StableDiffusionXLPipeline"  # or "StableDiffusionXLImg2ImgPipeline" (a refiner is one)
+    force_zeros_for_empty_prompt: bool = True  # negative_prompt=None gives all-zero negative (pooled) embeddings
+    requires_aesthetics_score: bool = False  # time ids end with an aesthetic score: 5 per row, not 6
+    vae_force_upcast: bool = True  # the VAE's force_upcast: it runs in fp32 inside an fp16 pipeline
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in SDXL_PIPELINES:
+            raise ValueError(f"pipeline must be one of {SDXL_PIPELINES}, got {self.pipeline!r}")
+        for f in dataclasses.fields(self)[1:]:
+            if not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
+
+    @property
+    def num_time_ids(self) -> int:
+        """Values per row of the U-Net's `time_ids`: sizes and crop (6), or with the aesthetic score 5."""
+        return 5 if self.requires_aesthetics_score else 6
+
+
 @dataclass
 class LatentDiffusion:
-    """The three models of a latent diffusion system plus what sampling needs besides them."""
+    """The models of a latent diffusion system plus what sampling needs besides them.
+
+    SD has one text encoder; SDXL (``sdxl`` set) adds ``text_encoder_2`` (with projection; its
+    pooled output feeds the U-Net's ``text_embeds``), and an SDXL refiner has only that one
+    (``text_encoder``, ``tokenizer_dir`` and ``tokenizer_config`` are then None).
+    """
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: CLIPTextEncoder
-    tokenizer_dir: Path
-    tokenizer_config: dict
+    text_encoder: CLIPTextEncoder | None
+    tokenizer_dir: Path | None
+    tokenizer_config: dict | None
     scheduler_config: dict
     default_size: tuple[int, int]
     source_kind: str = "checkpoint"
     extra: dict = field(default_factory=dict)
+    text_encoder_2: CLIPTextEncoder | None = None
+    tokenizer_2_dir: Path | None = None
+    tokenizer_2_config: dict | None = None
+    sdxl: SDXLOptions | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.sdxl is not None
+
+    def text_encoders(self) -> dict[str, CLIPTextEncoder]:
+        """The text encoders present, by folder name, in the order their hidden states are concatenated."""
+        return {name: te for name, te in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
+                if te is not None}
 
     @property
     def unet_config(self) -> UNetConfig:
@@ -76,6 +127,8 @@ class LatentDiffusion:
 
     @property
     def text_config(self) -> TextEncoderConfig:
+        if self.text_encoder is None:
+            raise CheckpointError("this SDXL refiner has no text_encoder (only text_encoder_2)")
         return self.text_encoder.config
 
     @property
@@ -225,9 +278,17 @@ def load_models(src: str | os.PathLike) -> LatentDiffusion:
     """Load our checkpoint folder or a diffusers pipeline folder into our models (fp32, eval)."""
     kind = detect_kind(src)
     ld = load_checkpoint(src) if kind == "checkpoint" else load_diffusers(src)
-    for m in (ld.unet, ld.vae, ld.text_encoder):
+    for m in (ld.unet, ld.vae, *ld.text_encoders().values()):
         m.float().eval().requires_grad_(False)
     return ld
+
+
+def is_sdxl_source(src: str | os.PathLike) -> bool:
+    """Whether ``src`` (a checkpoint or diffusers folder) holds an SDXL pipeline; reads its JSON only."""
+    root = Path(src)
+    if detect_kind(root) == "checkpoint":
+        return "sdxl" in _read_json(root / MARKER)
+    return _is_sdxl_index(_read_json(root / "model_index.json"))
 
 
 def load_checkpoint(path: str | os.PathLike) -> LatentDiffusion:
@@ -237,56 +298,198 @@ def load_checkpoint(path: str | os.PathLike) -> LatentDiffusion:
         raise CheckpointError(f"{root / MARKER}: expected format {FORMAT!r}, got {meta.get('format')!r}")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{root / MARKER}: unknown checkpoint version {meta.get('version')!r} (this code reads {FORMAT_VERSION})")
-    models = {}
-    for name, cfg_cls, model_cls in (("unet", UNetConfig, UNet), ("vae", VAEConfig, AutoencoderKL),
-                                     ("text_encoder", TextEncoderConfig, CLIPTextEncoder)):
-        cfg_path = root / name / "config.json"
-        cfg = _config_from_dict(cfg_cls, _read_json(cfg_path), cfg_path)
-        model = model_cls(cfg)
-        files = _find_weights(root / name, ("model",))
-        _load_into(model, _load_weights(files), files[0])
-        models[name] = model
+    sdxl = _sdxl_options(meta, root / MARKER)
+    names = ["text_encoder"] if sdxl is None else [n for n in ("text_encoder", "text_encoder_2") if (root / n).is_dir()]
+    configs = {"unet": _our_config(root, "unet", UNetConfig), "vae": _our_config(root, "vae", VAEConfig),
+               **{n: _our_config(root, n, TextEncoderConfig) for n in names}}
+    _check_text_conditioning(configs, sdxl, root)
+    models = _build_models(root, configs, lambda name: "model")
     size = meta.get("default_size", {})
+    tok, tok_2 = (root / "tokenizer", root / "tokenizer_2")
     return LatentDiffusion(
-        unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
-        tokenizer_dir=root / "tokenizer", tokenizer_config=_tokenizer_config(root / "tokenizer"),
+        unet=models["unet"], vae=models["vae"], text_encoder=models.get("text_encoder"),
+        tokenizer_dir=tok if "text_encoder" in models else None,
+        tokenizer_config=_tokenizer_config(tok) if "text_encoder" in models else None,
         scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),
         default_size=(int(size.get("height", 64)), int(size.get("width", 64))),
-        source_kind="checkpoint", extra={k: v for k, v in meta.items() if k not in ("format", "version", "default_size")},
+        source_kind="checkpoint",
+        extra={k: v for k, v in meta.items() if k not in ("format", "version", "default_size", "sdxl")},
+        text_encoder_2=models.get("text_encoder_2"),
+        tokenizer_2_dir=tok_2 if "text_encoder_2" in models else None,
+        tokenizer_2_config=_tokenizer_config(tok_2) if "text_encoder_2" in models else None,
+        sdxl=sdxl,
     )
+
+
+def _our_config(root: Path, name: str, cls):
+    path = root / name / "config.json"
+    return _config_from_dict(cls, _read_json(path), path)
+
+
+def _sdxl_options(meta: dict, where: Path) -> SDXLOptions | None:
+    if "sdxl" not in meta:
+        return None
+    if not isinstance(meta["sdxl"], dict):
+        raise CheckpointError(f"{where}: 'sdxl' must be an object of {SDXLOptions.__name__} keys, got {meta['sdxl']!r}")
+    return _config_from_dict(SDXLOptions, meta["sdxl"], where)
+
+
+def _build_models(root: Path, configs: dict[str, Any], weights_stem) -> dict[str, torch.nn.Module]:
+    """Build each model of ``configs`` and load its weights from ``root/<name>/<weights_stem(name)>.safetensors``."""
+    classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder, "text_encoder_2": CLIPTextEncoder}
+    models: dict[str, torch.nn.Module] = {}
+    for name, cfg in configs.items():
+        model = classes[name](cfg)
+        files = _find_weights(root / name, (weights_stem(name),))
+        _load_into(model, _load_weights(files), files[0])
+        models[name] = model
+    return models
+
+
+def _diffusers_weights_stem(name: str) -> str:
+    return "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
 
 
 def load_diffusers(path: str | os.PathLike) -> LatentDiffusion:
     root = Path(path)
     index = _read_json(root / "model_index.json")
+    if _is_sdxl_index(index):
+        return _load_sdxl_diffusers(root, index)
     for comp in COMPONENT_DIRS:
         if comp not in index:
             raise CheckpointError(f"{root / 'model_index.json'}: no {comp!r} entry (a Stable Diffusion pipeline folder needs {list(COMPONENT_DIRS)})")
         if not (root / comp).is_dir():
             raise CheckpointError(f"{root / comp}: missing component folder")
-    unet_cfg = _mapped(UNetConfig.from_diffusers, root / "unet" / "config.json")
-    vae_cfg = _mapped(VAEConfig.from_diffusers, root / "vae" / "config.json")
-    text_cfg = _mapped(TextEncoderConfig.from_transformers, root / "text_encoder" / "config.json")
-    unet, vae, text = UNet(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextEncoder(text_cfg)
-    for model, folder, stems in ((unet, "unet", ("diffusion_pytorch_model",)), (vae, "vae", ("diffusion_pytorch_model",)),
-                                 (text, "text_encoder", ("model",))):
-        files = _find_weights(root / folder, stems)
-        _load_into(model, _load_weights(files), files[0])
+    configs = _diffusers_configs(root, {"text_encoder": False})
+    _check_text_conditioning(configs, None, root)
+    models = _build_models(root, configs, _diffusers_weights_stem)
+    scheduler_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    if index.get("_class_name") != "LatentConsistencyModelPipeline":  # its __init__ leaves the config as is
+        scheduler_cfg = _sd_scheduler_fixups(scheduler_cfg)
+    return LatentDiffusion(
+        unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"],
+        tokenizer_dir=_tokenizer_dir(root / "tokenizer"), tokenizer_config=_tokenizer_config(root / "tokenizer"),
+        scheduler_config=scheduler_cfg, default_size=_diffusers_default_size(root, configs["vae"]),
+        source_kind="diffusers",
+    )
+
+
+def _diffusers_configs(root: Path, text_encoders: dict[str, bool]) -> dict[str, Any]:
+    """Our configs for the U-Net, the VAE and the named text encoders (name -> with projection)."""
+    configs = {"unet": _mapped(UNetConfig.from_diffusers, root / "unet" / "config.json"),
+               "vae": _mapped(VAEConfig.from_diffusers, root / "vae" / "config.json")}
+    for name, with_projection in text_encoders.items():
+        configs[name] = _mapped(functools.partial(TextEncoderConfig.from_transformers, with_projection=with_projection),
+                                root / name / "config.json")
+    return configs
+
+
+def _diffusers_default_size(root: Path, vae_cfg: VAEConfig) -> tuple[int, int]:
+    """The pipelines' default image size: the U-Net's sample_size times the VAE's spatial factor."""
     sample_size = _read_json(root / "unet" / "config.json").get("sample_size") or 64
     if isinstance(sample_size, (list, tuple)):
         h, w = int(sample_size[0]), int(sample_size[1])
     else:
         h = w = int(sample_size)
     f = vae_cfg.spatial_factor
-    scheduler_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
-    if index.get("_class_name") != "LatentConsistencyModelPipeline":  # its __init__ leaves the config as is
-        scheduler_cfg = _sd_scheduler_fixups(scheduler_cfg)
+    return h * f, w * f
+
+
+def _is_sdxl_index(index: dict) -> bool:
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
+
+
+def _sdxl_options_from_index(index: dict, vae_config: dict, where: Path) -> SDXLOptions:
+    """The SDXL flags of ``model_index.json`` (diffusers' defaults where absent); refuses what we do not implement."""
+    cls = index.get("_class_name")
+    if cls not in SDXL_PIPELINES:
+        raise CheckpointError(f"{where}: {cls} is not supported "
+                              f"(SDXL folders are imported as {' or '.join(SDXL_PIPELINES)})")
+    for key, value in index.items():
+        if key.startswith("_") or key in SDXL_COMPONENTS or key in SDXL_UNUSED_COMPONENTS:
+            continue
+        if key == "image_encoder" and _is_set(value):
+            raise CheckpointError(f"{where}: an image_encoder (IP-Adapter) is not supported")
+        if isinstance(value, list) and _is_set(value):
+            raise CheckpointError(f"{where}: component {key!r} ({'.'.join(map(str, value))}) is not supported")
+        if not isinstance(value, list) and key not in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+            raise CheckpointError(f"{where}: pipeline option {key}={value!r} is not supported")
+    # only the img2img pipeline reads requires_aesthetics_score; the text-to-image one always builds 6 time ids
+    aesthetics = index.get("requires_aesthetics_score", False) if cls == "StableDiffusionXLImg2ImgPipeline" else False
+    try:
+        return SDXLOptions(pipeline=cls, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                           requires_aesthetics_score=aesthetics, vae_force_upcast=vae_config.get("force_upcast", True))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _is_set(entry: Any) -> bool:
+    """A model_index component entry that names a class (not ``[null, null]``)."""
+    return isinstance(entry, list) and any(v is not None for v in entry)
+
+
+def _load_sdxl_diffusers(root: Path, index: dict) -> LatentDiffusion:
+    """A ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline`` folder (a refiner has no text_encoder)."""
+    where = root / "model_index.json"
+    options = _sdxl_options_from_index(index, _read_json(root / "vae" / "config.json"), where)
+    present = [c for c in SDXL_COMPONENTS if _is_set(index.get(c))]
+    for comp in ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"):
+        if comp not in present:
+            raise CheckpointError(f"{where}: no {comp!r} entry (an SDXL pipeline folder needs unet, vae, scheduler, "
+                                  "text_encoder_2 and tokenizer_2; text_encoder and tokenizer are optional together)")
+    if ("text_encoder" in present) != ("tokenizer" in present):
+        raise CheckpointError(f"{where}: text_encoder and tokenizer come together; this folder has only "
+                              f"{'text_encoder' if 'text_encoder' in present else 'tokenizer'}")
+    for comp in present:
+        if not (root / comp).is_dir():
+            raise CheckpointError(f"{root / comp}: missing component folder")
+    configs = _diffusers_configs(root, {n: n == "text_encoder_2" for n in ("text_encoder", "text_encoder_2")
+                                        if n in present})
+    _check_text_conditioning(configs, options, root)
+    models = _build_models(root, configs, _diffusers_weights_stem)
+    te = models.get("text_encoder")
     return LatentDiffusion(
-        unet=unet, vae=vae, text_encoder=text,
-        tokenizer_dir=_tokenizer_dir(root / "tokenizer"), tokenizer_config=_tokenizer_config(root / "tokenizer"),
-        scheduler_config=scheduler_cfg,
-        default_size=(h * f, w * f), source_kind="diffusers",
+        unet=models["unet"], vae=models["vae"], text_encoder=te,
+        tokenizer_dir=_tokenizer_dir(root / "tokenizer") if te is not None else None,
+        tokenizer_config=_tokenizer_config(root / "tokenizer") if te is not None else None,
+        scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json"),  # SDXL pipelines rewrite nothing
+        default_size=_diffusers_default_size(root, configs["vae"]), source_kind="diffusers",
+        text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=_tokenizer_dir(root / "tokenizer_2"),
+        tokenizer_2_config=_tokenizer_config(root / "tokenizer_2"), sdxl=options,
     )
+
+
+def _check_text_conditioning(configs: dict[str, Any], sdxl: SDXLOptions | None, where: Path) -> None:
+    """The U-Net's text inputs fit the text encoders: the context width and, for SDXL, the pooled width."""
+    u = configs["unet"]
+    widths = {n: c.hidden_size for n, c in configs.items() if n in ("text_encoder", "text_encoder_2")}
+    if sum(widths.values()) != u.cross_attention_dim:
+        given = " + ".join(f"{n} {w}" for n, w in widths.items())
+        raise CheckpointError(f"{where}: the U-Net expects a {u.cross_attention_dim}-wide text context "
+                              f"(cross_attention_dim), but the text encoders give {sum(widths.values())} ({given})")
+    if sdxl is None:
+        if u.addition_embed_type is not None:
+            raise CheckpointError(f"{where}: the U-Net takes text_embeds and time_ids (addition_embed_type="
+                                  f"{u.addition_embed_type!r}, SDXL), which need an SDXL pipeline with text_encoder_2")
+        return
+    if "text_encoder_2" not in configs:
+        raise CheckpointError(f"{where}: an SDXL pipeline needs text_encoder_2 "
+                              "(its pooled output is the U-Net's text_embeds)")
+    if u.addition_embed_type != "text_time":
+        raise CheckpointError(f"{where}: an SDXL pipeline needs a U-Net with addition_embed_type='text_time', "
+                              f"got {u.addition_embed_type!r}")
+    projection = configs["text_encoder_2"].projection_dim
+    n = sdxl.num_time_ids
+    try:
+        text_embeds = u.text_embeds_dim(n)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if projection != text_embeds:
+        raise CheckpointError(
+            f"{where}: the U-Net's projection_class_embeddings_input_dim={u.projection_class_embeddings_input_dim} "
+            f"is {n} time ids x {u.addition_time_embed_dim} + a {text_embeds}-wide text_embeds, but text_encoder_2 "
+            f"projects to {projection} (requires_aesthetics_score={str(sdxl.requires_aesthetics_score).lower()}: "
+            "5 time ids with it, 6 without)")
 
 
 def _sd_scheduler_fixups(cfg: dict) -> dict:
@@ -359,25 +562,33 @@ def _atomic_folder(out: Path, is_ours, writer) -> Path:
     return out
 
 
-def _copy_tokenizer(ld: LatentDiffusion, dest: Path) -> None:
+def _copy_tokenizer(src: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(ld.tokenizer_dir / name, dest / name)
+        shutil.copyfile(src / name, dest / name)
 
 
 def save_checkpoint(ld: LatentDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,
                     extra: dict | None = None) -> Path:
     """Write ``ld`` as our checkpoint folder, atomically. ``dtype`` (e.g. fp16) casts the weights."""
+    tokenizers = {"text_encoder": ("tokenizer", ld.tokenizer_dir, ld.tokenizer_config),
+                  "text_encoder_2": ("tokenizer_2", ld.tokenizer_2_dir, ld.tokenizer_2_config)}
 
     def write(tmp: Path) -> None:
-        for name, model in (("unet", ld.unet), ("vae", ld.vae), ("text_encoder", ld.text_encoder)):
+        for name, model in (("unet", ld.unet), ("vae", ld.vae), *ld.text_encoders().items()):
             _write_json(tmp / name / "config.json", _json_config(model.config))
             save_file(_state_dict(model, dtype), str(tmp / name / "model.safetensors"))
-        _copy_tokenizer(ld, tmp / "tokenizer")
-        _write_json(tmp / "tokenizer" / "tokenizer_config.json", dict(ld.tokenizer_config))
+        for name in ld.text_encoders():
+            folder, src, config = tokenizers[name]
+            if src is None or config is None:
+                raise CheckpointError(f"{name} has no {folder} (its folder and options are both needed)")
+            _copy_tokenizer(src, tmp / folder)
+            _write_json(tmp / folder / "tokenizer_config.json", dict(config))
         _write_json(tmp / "scheduler" / "scheduler_config.json", dict(ld.scheduler_config))
-        meta = {"format": FORMAT, "version": FORMAT_VERSION,
-                "default_size": {"height": ld.default_size[0], "width": ld.default_size[1]}}
+        meta: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION,
+                                "default_size": {"height": ld.default_size[0], "width": ld.default_size[1]}}
+        if ld.sdxl is not None:
+            meta["sdxl"] = dataclasses.asdict(ld.sdxl)
         meta.update(ld.extra)
         meta.update(extra or {})
         _write_json(tmp / MARKER, meta)  # the marker last: a folder without it is not a checkpoint
@@ -387,6 +598,9 @@ def save_checkpoint(ld: LatentDiffusion, path: str | os.PathLike, dtype: torch.d
 
 def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
     """Write ``ld`` as a diffusers ``StableDiffusionPipeline`` folder (safetensors), atomically."""
+    if ld.is_sdxl or ld.text_encoder is None or ld.tokenizer_dir is None or ld.tokenizer_config is None:
+        raise CheckpointError("writing an SDXL checkpoint as a diffusers folder is not implemented "
+                              "(export_diffusers writes StableDiffusionPipeline folders only)")
     import diffusers  # dev/bench dependency only: version stamp for the configs
     try:
         import transformers
@@ -408,7 +622,7 @@ def export_diffusers(ld: LatentDiffusion, path: str | os.PathLike) -> Path:
         save_file(_state_dict(ld.vae, None), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
         _write_json(tmp / "text_encoder" / "config.json", text_cfg)
         save_file(_state_dict(ld.text_encoder, None), str(tmp / "text_encoder" / "model.safetensors"))
-        _copy_tokenizer(ld, tmp / "tokenizer")
+        _copy_tokenizer(ld.tokenizer_dir, tmp / "tokenizer")
         tc = ld.tokenizer_config
         specials = {"unk_token": tc["eos_token"], **{k: tc[k] for k in SPECIAL_TOKENS if k in tc}}
         _write_json(tmp / "tokenizer" / "tokenizer_config.json", {
@@ -504,5 +718,6 @@ def _check_same_encoder(old: AutoencoderKL, new: AutoencoderKL, dtype: torch.dty
                           "the U-Net was trained on the old encoder's latents: fine-tune with --train_encoder=false")
 
 
-__all__ = ["CheckpointError", "LatentDiffusion", "detect_kind", "export_diffusers", "load_checkpoint",
-           "load_diffusers", "load_models", "load_vae", "save_checkpoint", "save_vae", "set_checkpoint_vae"]
+__all__ = ["CheckpointError", "LatentDiffusion", "SDXLOptions", "detect_kind", "export_diffusers", "is_sdxl_source",
+           "load_checkpoint", "load_diffusers", "load_models", "load_vae", "save_checkpoint", "save_vae",
+           "set_checkpoint_vae"]

@@ -1,4 +1,4 @@
-"""`ldm train vae|unet --key=value ... [--resume]`: thin argument handling over train_vae / train_unet.
+"""`ldm train vae|unet|lcm --key=value ... [--resume]`: thin argument handling over train_vae / train_unet / train_lcm.
 
 Works under torchrun too: `torchrun --nproc_per_node 2 -m training.cli train unet ...`.
 """
@@ -12,17 +12,18 @@ from training.common import ConfigError
 
 logger = logging.getLogger(__name__)
 
-USAGE = """usage: ldm train {vae,unet} [--key=value ...] [--resume]
+USAGE = """usage: ldm train {vae,unet,lcm} [--key=value ...] [--resume]
        ldm train set-vae CHECKPOINT VAE_FOLDER
 
   ldm train vae  --out_dir=runs/vae  --max_steps=3000
   ldm train unet --out_dir=runs/unet --vae=runs/vae/vae --max_steps=20000
   ldm train vae  --out_dir=runs/dec --init=runs/vae/vae --train_encoder=false   decoder fine-tune
   ldm train set-vae checkpoints/default runs/dec/vae   put that decoder into a trained checkpoint
-  ldm train vae|unet --help          list every option with its default
+  ldm train lcm  --teacher=checkpoints/default --out_dir=runs/lcm   distil a checkpoint into a 4-step LCM student
+  ldm train vae|unet|lcm --help      list every option with its default
 
-Every option is a field of VAETrainConfig (training/train_vae.py) or UNetTrainConfig
-(training/train_unet.py); --resume continues from OUT_DIR/train_state.safetensors."""
+Every option is a field of VAETrainConfig (training/train_vae.py), UNetTrainConfig (training/train_unet.py)
+or LCMTrainConfig (training/train_lcm.py); --resume continues from OUT_DIR/train_state.safetensors."""
 
 
 def _help(cls: type) -> str:
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
-    if stage not in ("vae", "unet", "set-vae"):
-        print(f"ldm train: unknown stage {stage!r}; expected 'vae', 'unet' or 'set-vae'", file=sys.stderr)
+    if stage not in ("vae", "unet", "lcm", "set-vae"):
+        print(f"ldm train: unknown stage {stage!r}; expected 'vae', 'unet', 'lcm' or 'set-vae'", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if stage == "set-vae":
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "vae":
         from training import train_vae
         cls, train = train_vae.VAETrainConfig, train_vae.train
+    elif stage == "lcm":
+        from training import train_lcm
+        cls, train = train_lcm.LCMTrainConfig, train_lcm.train
     else:
         from training import train_unet
         cls, train = train_unet.UNetTrainConfig, train_unet.train

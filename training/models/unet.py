@@ -1,7 +1,9 @@
 """The text-conditioned denoiser eps_theta(z_t, t, c) of latent diffusion (Rombach et al. 2022,
 "High-Resolution Image Synthesis with Latent Diffusion Models"): ResNet blocks that take a
 sinusoidal timestep embedding, transformer blocks (self-attention, cross-attention to the text
-embeddings, GEGLU feed-forward) at the chosen levels, and down/up paths joined by skips.
+embeddings, GEGLU feed-forward) at the chosen levels, and down/up paths joined by skips. SDXL's
+U-Nets (base, refiner, Turbo) add a pooled text embedding and micro-conditioning time ids to the
+timestep embedding (`addition_embed_type="text_time"`) and vary heads and transformer depth per level.
 
 Parameter names equal the state-dict keys of diffusers' `UNet2DConditionModel`, so its
 `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)` and no
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 import torch.nn as nn
@@ -28,6 +30,11 @@ class UnsupportedConfigError(ValueError):
     """A checkpoint's config asks for something this model cannot reproduce."""
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
+
+
 @dataclass
 class UNetConfig:
     in_channels: int = 4
@@ -38,8 +45,8 @@ class UNetConfig:
     num_heads: int | tuple[int, ...] | None = 8  # per level; exactly one of num_heads / head_dim is set
     head_dim: int | None = None  # heads = channels // head_dim per level (SD 2.x style)
     cross_attention_dim: int = 768  # width of the text encoder's hidden states
-    use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2.x) instead of 1x1 conv
-    transformer_layers_per_block: int = 1
+    use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2.x, SDXL) instead of 1x1 conv
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # transformer depth, one or one per level
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -48,6 +55,12 @@ class UNetConfig:
     dropout: float = 0.0  # in the resnets, as diffusers applies it
     sample_size: int | tuple[int, int] | None = None  # default latent size; metadata only
     time_cond_proj_dim: int | None = None  # LCM guidance embedding width (`timestep_cond`); None: no input
+    # SDXL's added conditioning: "text_time" takes `text_embeds` (the pooled text embedding) and
+    # `time_ids` (micro-conditioning), each id embedded with addition_time_embed_dim sinusoids;
+    # [text_embeds, embedded ids] is projection_class_embeddings_input_dim wide
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     gradient_checkpointing: bool = False  # training option: recompute blocks in backward
 
     def __post_init__(self) -> None:
@@ -56,21 +69,26 @@ class UNetConfig:
         self.attention = tuple(bool(a) for a in self.attention)
         if isinstance(self.num_heads, list):
             self.num_heads = tuple(self.num_heads)
+        if isinstance(self.transformer_layers_per_block, list):
+            self.transformer_layers_per_block = tuple(self.transformer_layers_per_block)
         if isinstance(self.sample_size, list):
             self.sample_size = tuple(self.sample_size)
 
-        def positive_int(name: str, value: Any) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
-
-        for name in ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
-                     "transformer_layers_per_block", "norm_num_groups"):
-            positive_int(name, getattr(self, name))
+        for name in ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups"):
+            _positive_int(name, getattr(self, name))
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("UNetConfig.block_out_channels must have at least one level, got ()")
+        if isinstance(self.transformer_layers_per_block, tuple):
+            if len(self.transformer_layers_per_block) != n:
+                raise ValueError(f"UNetConfig.transformer_layers_per_block as a tuple needs one entry per level "
+                                 f"({n}), got {self.transformer_layers_per_block}")
+            for depth in self.transformer_layers_per_block:
+                _positive_int("transformer_layers_per_block[*]", depth)
+        else:
+            _positive_int("transformer_layers_per_block", self.transformer_layers_per_block)
         for c in self.block_out_channels:
-            positive_int("block_out_channels[*]", c)
+            _positive_int("block_out_channels[*]", c)
         if len(self.attention) != n:
             raise ValueError(f"UNetConfig.attention needs one flag per level ({n}, as block_out_channels="
                              f"{self.block_out_channels}), got {len(self.attention)}: {self.attention}")
@@ -82,15 +100,15 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: set exactly one of num_heads and head_dim (the other None), got "
                              f"num_heads={self.num_heads!r}, head_dim={self.head_dim!r}")
         if self.head_dim is not None:
-            positive_int("head_dim", self.head_dim)
+            _positive_int("head_dim", self.head_dim)
         elif isinstance(self.num_heads, tuple):
             if len(self.num_heads) != n:
                 raise ValueError(f"UNetConfig.num_heads as a tuple needs one entry per level ({n}), got "
                                  f"{self.num_heads}")
             for h in self.num_heads:
-                positive_int("num_heads[*]", h)
+                _positive_int("num_heads[*]", h)
         else:
-            positive_int("num_heads", self.num_heads)
+            _positive_int("num_heads", self.num_heads)
         # the mid block always attends, so the last level counts as attending
         for i, c in enumerate(self.block_out_channels):
             if not (self.attention[i] or i == n - 1):
@@ -107,7 +125,42 @@ class UNetConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if self.time_cond_proj_dim is not None:
-            positive_int("time_cond_proj_dim", self.time_cond_proj_dim)
+            _positive_int("time_cond_proj_dim", self.time_cond_proj_dim)
+        self._check_addition_embedding()
+
+    def _check_addition_embedding(self) -> None:
+        widths = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if self.addition_embed_type is None:
+            for name in widths:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"UNetConfig.{name}={getattr(self, name)!r} is only used with "
+                                     f"addition_embed_type='text_time', which is not set")
+            return
+        if self.addition_embed_type != "text_time":
+            raise ValueError(f"UNetConfig.addition_embed_type must be None or 'text_time', "
+                             f"got {self.addition_embed_type!r}")
+        for name in widths:
+            _positive_int(name, getattr(self, name))
+
+    def transformer_depths(self) -> tuple[int, ...]:
+        """Transformer blocks per attention layer at each level (the mid block uses the last one)."""
+        depth = self.transformer_layers_per_block
+        return depth if isinstance(depth, tuple) else (depth,) * len(self.block_out_channels)
+
+    def text_embeds_dim(self, num_time_ids: int) -> int:
+        """Width of `text_embeds` when `time_ids` has `num_time_ids` values per row (SDXL base 6, refiner 5).
+
+        The U-Net config fixes only the sum of the two widths; which split a checkpoint uses is
+        decided by its pipeline (the second text encoder's projection width).
+        """
+        total, per_id = self.projection_class_embeddings_input_dim, self.addition_time_embed_dim
+        if total is None or per_id is None:
+            raise ValueError("this UNet takes no text_embeds (addition_embed_type is not 'text_time')")
+        width = total - num_time_ids * per_id
+        if num_time_ids < 1 or width < 1:
+            raise ValueError(f"{num_time_ids} time ids of {per_id} channels each leave no room for a text "
+                             f"embedding in projection_class_embeddings_input_dim={total}")
+        return width
 
     def heads_per_level(self) -> tuple[int, ...]:
         """Attention heads at each level (the mid block uses the last one)."""
@@ -140,6 +193,7 @@ class UNetConfig:
 
         # report every unsupported feature at once, not just the first one found
         problems = [f"{key}={get(key)!r} ({why})" for key, ok, why in _DIFFUSERS_CHECKS if not ok(get(key))]
+        problems += _addition_embedding_problems(get)
         if problems:
             raise UnsupportedConfigError("diffusers UNet config asks for features this UNet does not implement: "
                                          + "; ".join(problems))
@@ -176,7 +230,14 @@ class UNetConfig:
 
         layers_per_block = uniform("layers_per_block", int)
         cross_attention_dim = uniform("cross_attention_dim", int)
-        transformer_layers = uniform("transformer_layers_per_block", int)
+
+        # one transformer depth per level (SDXL: [1, 2, 10]); nested per-layer lists are not implemented
+        depths = get("transformer_layers_per_block")
+        if isinstance(depths, (list, tuple)):
+            if len(depths) != n or not all(isinstance(t, int) and not isinstance(t, bool) for t in depths):
+                refuse("transformer_layers_per_block", f"need an int or {n} ints (one per level); per-layer "
+                                                        f"nested lists are not implemented")
+            depths = depths[0] if len(set(depths)) == 1 else tuple(depths)
 
         # diffusers: heads = num_attention_heads or attention_head_dim, i.e. `attention_head_dim`
         # holds the number of heads (a historical misnomer); `num_attention_heads` itself is
@@ -195,11 +256,13 @@ class UNetConfig:
                 block_out_channels=channels, layers_per_block=layers_per_block, attention=attention,
                 num_heads=heads, head_dim=None, cross_attention_dim=cross_attention_dim,
                 use_linear_projection=bool(get("use_linear_projection")),
-                transformer_layers_per_block=transformer_layers, norm_num_groups=get("norm_num_groups"),
+                transformer_layers_per_block=depths, norm_num_groups=get("norm_num_groups"),
                 norm_eps=float(get("norm_eps")), flip_sin_to_cos=bool(get("flip_sin_to_cos")),
                 freq_shift=get("freq_shift"), upcast_attention=bool(get("upcast_attention")),
                 dropout=float(get("dropout")), sample_size=get("sample_size"),
-                time_cond_proj_dim=get("time_cond_proj_dim"),
+                time_cond_proj_dim=get("time_cond_proj_dim"), addition_embed_type=get("addition_embed_type"),
+                addition_time_embed_dim=get("addition_time_embed_dim"),
+                projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim"),
             )
         except ValueError as e:
             raise UnsupportedConfigError(f"diffusers UNet config does not make a valid UNetConfig: {e}") from e
@@ -227,7 +290,9 @@ class UNetConfig:
             "norm_num_groups": self.norm_num_groups,
             "norm_eps": self.norm_eps,
             "cross_attention_dim": self.cross_attention_dim,
-            "transformer_layers_per_block": self.transformer_layers_per_block,
+            "transformer_layers_per_block": (self.transformer_layers_per_block
+                                             if isinstance(self.transformer_layers_per_block, int)
+                                             else list(self.transformer_layers_per_block)),
             # diffusers reads the number of heads from `attention_head_dim` (see from_diffusers)
             "attention_head_dim": self.num_heads if isinstance(self.num_heads, int) else list(heads),
             "use_linear_projection": self.use_linear_projection,
@@ -238,12 +303,16 @@ class UNetConfig:
             "conv_out_kernel": 3,
             "attention_type": "default",
             "time_cond_proj_dim": self.time_cond_proj_dim,
+            "addition_embed_type": self.addition_embed_type,
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
         }
 
 
 # diffusers keys and their UNet2DConditionModel defaults; `sample_size` and
-# `addition_embed_type_num_heads` (read only when addition_embed_type is set, which we refuse) are
-# harmless, keys starting with "_" (`_class_name`, `_diffusers_version`, `_name_or_path`) are ignored
+# `addition_embed_type_num_heads` (read only by the addition embedding types "text" and
+# "text_image", which we refuse) are harmless, keys starting with "_" (`_class_name`,
+# `_diffusers_version`, `_name_or_path`) are ignored
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
     "flip_sin_to_cos": True, "freq_shift": 0,
@@ -280,11 +349,10 @@ _DIFFUSERS_CHECKS: list[tuple[str, Any, str]] = [
     ("class_embed_type", _is_none, "class embeddings are not implemented"),
     ("num_class_embeds", _is_none, "class embeddings are not implemented"),
     ("class_embeddings_concat", _falsy, "class embeddings are not implemented"),
-    ("projection_class_embeddings_input_dim", _is_none, "class/added embeddings are not implemented"),
-    ("addition_embed_type", _is_none, "added (SDXL-style) conditioning embeddings are not implemented"),
-    ("addition_time_embed_dim", _is_none, "added (SDXL-style) time embeddings are not implemented"),
-    ("encoder_hid_dim", _is_none, "an encoder hidden-state projection is not implemented"),
-    ("encoder_hid_dim_type", _is_none, "an encoder hidden-state projection is not implemented"),
+    ("encoder_hid_dim", _is_none, "an encoder hidden-state projection (encoder_hid_proj: a text projection "
+                                  "or an IP-Adapter's image projection) is not implemented"),
+    ("encoder_hid_dim_type", _is_none, "an encoder hidden-state projection (encoder_hid_proj: a text projection "
+                                       "or an IP-Adapter's image projection) is not implemented"),
     ("time_embedding_dim", _is_none, "the time embedding width is fixed at 4 * block_out_channels[0]"),
     ("time_embedding_act_fn", _is_none, "an activation after the time embedding is not implemented"),
     ("timestep_post_act", _is_none, "a post-activation in the time embedding is not implemented"),
@@ -296,8 +364,8 @@ _DIFFUSERS_CHECKS: list[tuple[str, Any, str]] = [
     ("attention_type", lambda v: v == "default", "only 'default' attention (no gated/GLIGEN)"),
     ("num_attention_heads", _is_none, "UNet2DConditionModel rejects it too; the head count is "
                                       "`attention_head_dim`"),
-    ("reverse_transformer_layers_per_block", _is_none, "per-level up-path transformer depths are not "
-                                                      "implemented"),
+    ("reverse_transformer_layers_per_block", _is_none, "separate up-path transformer depths are not "
+                                                      "implemented (the up path mirrors the down path)"),
     ("resnet_time_scale_shift", lambda v: v == "default", "only 'default' (additive) time conditioning"),
     ("resnet_skip_time_act", _falsy, "the resnets always apply SiLU to the time embedding"),
     ("resnet_out_scale_factor", lambda v: v == 1, "resnet outputs are not rescaled"),
@@ -312,23 +380,38 @@ _DIFFUSERS_CHECKS: list[tuple[str, Any, str]] = [
 ]
 
 
+def _addition_embedding_problems(get: Any) -> list[str]:
+    """What a config's added-conditioning keys ask for that we do not implement (only SDXL's text_time)."""
+    kind = get("addition_embed_type")
+    widths = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    if kind is None:
+        return [f"{k}={get(k)!r} (used only with addition_embed_type='text_time', which is not set; class "
+                f"embeddings are not implemented)" for k in widths if get(k) is not None]
+    if kind != "text_time":
+        return [f"addition_embed_type={kind!r} (only 'text_time', SDXL's pooled-text and time-id conditioning, "
+                f"is implemented)"]
+    return [f"{k}={get(k)!r} (addition_embed_type='text_time' needs it as a positive int)" for k in widths
+            if not isinstance(get(k), int) or isinstance(get(k), bool) or get(k) < 1]
+
+
 # -----------------------------------------------------------------------------
 # blocks
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), in float32.
+    """Sinusoidal embedding of (possibly fractional) values, (...) -> (..., dim), in float32.
 
     The DDPM/Transformer embedding, with frequencies exp(-log(max_period) * i / (dim/2 - freq_shift)),
-    computed in the same order as diffusers' `get_timestep_embedding` so the two agree bitwise.
+    computed in the same order as diffusers' `get_timestep_embedding` so the two agree bitwise;
+    every element is embedded on its own (timesteps (B,), SDXL's time ids (B, k)).
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(exponent / (half - freq_shift))  # (half,)
-    args = t[:, None].float() * freqs[None, :]  # (B, half)
+    args = t[..., None].float() * freqs  # (..., half)
     parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
-    emb = torch.cat(parts, dim=-1)  # (B, 2 * half)
+    emb = torch.cat(parts, dim=-1)  # (..., 2 * half)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -440,10 +523,17 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class LevelAttention(NamedTuple):
+    """The attention of one level: heads per attention layer, transformer blocks in each."""
+
+    heads: int
+    depth: int
+
+
 class Transformer2D(nn.Module):
     """Feature map -> token sequence -> transformer blocks -> feature map, with a residual."""
 
-    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, attn: LevelAttention, cfg: UNetConfig):
         super().__init__()
         self.use_linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)  # diffusers fixes 1e-6 here
@@ -451,8 +541,8 @@ class Transformer2D(nn.Module):
             (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)
-            for _ in range(cfg.transformer_layers_per_block))
+            TransformerBlock(channels, attn.heads, cfg.cross_attention_dim, cfg.upcast_attention)
+            for _ in range(attn.depth))
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -492,12 +582,12 @@ class Upsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_dim: int, attend: bool, heads: int, downsample: bool,
+    def __init__(self, cin: int, cout: int, temb_dim: int, attn: LevelAttention | None, downsample: bool,
                  cfg: UNetConfig):
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, temb_dim, cfg) for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2D(cout, heads, cfg) for _ in range(n)) if attend else None
+        self.attentions = nn.ModuleList(Transformer2D(cout, attn, cfg) for _ in range(n)) if attn is not None else None
         self.downsamplers = nn.ModuleList([Downsample(cout)]) if downsample else None
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
@@ -515,10 +605,10 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, temb_dim: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, temb_dim: int, attn: LevelAttention, cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(channels, channels, temb_dim, cfg) for _ in range(2))
-        self.attentions = nn.ModuleList([Transformer2D(channels, heads, cfg)])
+        self.attentions = nn.ModuleList([Transformer2D(channels, attn, cfg)])
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, ckpt: bool) -> torch.Tensor:
         h = _run(self.resnets[0], h, temb, ckpt=ckpt)
@@ -527,7 +617,7 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, skip_last: int, temb_dim: int, attend: bool, heads: int,
+    def __init__(self, cin: int, cout: int, skip_last: int, temb_dim: int, attn: LevelAttention | None,
                  upsample: bool, cfg: UNetConfig):
         super().__init__()
         n = cfg.layers_per_block + 1
@@ -536,7 +626,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock((cin if j == 0 else cout) + (skip_last if j == n - 1 else cout), cout, temb_dim, cfg)
             for j in range(n))
-        self.attentions = nn.ModuleList(Transformer2D(cout, heads, cfg) for _ in range(n)) if attend else None
+        self.attentions = nn.ModuleList(Transformer2D(cout, attn, cfg) for _ in range(n)) if attn is not None else None
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
 
     def forward(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
@@ -561,17 +651,21 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        ch, heads, n = cfg.block_out_channels, cfg.heads_per_level(), len(cfg.block_out_channels)
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        attn = [LevelAttention(h, d) for h, d in zip(cfg.heads_per_level(), cfg.transformer_depths())]
         temb_dim = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim, cfg.time_cond_proj_dim)
+        # SDXL: [text_embeds, sinusoidal time ids] -> MLP, added to the time embedding
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
+                              if cfg.projection_class_embeddings_input_dim is not None else None)
         self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], temb_dim, cfg.attention[i], heads[i], i < n - 1, cfg)
+            DownBlock(ch[max(i - 1, 0)], ch[i], temb_dim, attn[i] if cfg.attention[i] else None, i < n - 1, cfg)
             for i in range(n))
-        self.mid_block = MidBlock(ch[-1], temb_dim, heads[-1], cfg)
+        self.mid_block = MidBlock(ch[-1], temb_dim, attn[-1], cfg)
         self.up_blocks = nn.ModuleList(
-            UpBlock(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], temb_dim, cfg.attention[lvl],
-                    heads[lvl], lvl > 0, cfg)
+            UpBlock(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], temb_dim,
+                    attn[lvl] if cfg.attention[lvl] else None, lvl > 0, cfg)
             for lvl in reversed(range(n)))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -600,8 +694,36 @@ class UNet(nn.Module):
             got = None if timestep_cond is None else tuple(timestep_cond.shape)
             raise ValueError(f"timestep_cond (the guidance embedding) must be (B, {dim}) with B={b}, got {got}")
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def _check_added_inputs(self, b: int, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> None:
+        cfg = self.config
+        if cfg.addition_embed_type is None:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError("text_embeds/time_ids were given, but this UNet has no addition_embed_type "
+                                 "(it takes no SDXL added conditioning)")
+            return
+        if time_ids is None or time_ids.ndim != 2 or time_ids.shape[0] != b:
+            got = None if time_ids is None else tuple(time_ids.shape)
+            raise ValueError(f"time_ids (SDXL micro-conditioning) must be (B, k) with B={b} (k=6 for a base "
+                             f"model, 5 for a refiner), got {got}")
+        width = cfg.text_embeds_dim(time_ids.shape[1])
+        if text_embeds is None or tuple(text_embeds.shape) != (b, width):
+            got = None if text_embeds is None else tuple(text_embeds.shape)
+            raise ValueError(f"text_embeds (the pooled text embedding) must be (B, {width}) with B={b} for "
+                             f"{time_ids.shape[1]} time ids, got {got}")
+
+    def _added_embedding(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+        # SDXL: every time id embedded on its own, text first: (B, d) + (B, k, D) -> (B, d + k * D)
+        cfg = self.config
+        assert self.add_embedding is not None and cfg.addition_time_embed_dim is not None
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type='text_time') needs text_embeds and time_ids")
+        ids = timestep_embedding(time_ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        return self.add_embedding(torch.cat([text_embeds.to(dtype), ids.flatten(1).to(dtype)], dim=-1))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in `sample`.
 
         sample: (B, in_channels, h, w) noisy latents; any h, w >= 1.
@@ -609,6 +731,11 @@ class UNet(nn.Module):
         encoder_hidden_states: (B, L, cross_attention_dim) text embeddings.
         timestep_cond: (B, time_cond_proj_dim), required exactly when the config sets that key: the
             guidance embedding of an LCM-distilled model (`ldm_runtime.guidance.guidance_scale_embedding`).
+        text_embeds, time_ids: required exactly when addition_embed_type is "text_time" (SDXL), what
+            diffusers passes as `added_cond_kwargs`: the pooled text embedding (B, d) and the
+            micro-conditioning (B, k), with d + k * addition_time_embed_dim equal to
+            projection_class_embeddings_input_dim (base: original size, crop top-left, target size,
+            k=6; refiner: original size, crop top-left, aesthetic score, k=5).
         Returns (B, out_channels, h, w).
         """
         cfg = self.config
@@ -616,9 +743,12 @@ class UNet(nn.Module):
             timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
         if not torch.jit.is_tracing():  # under the ONNX tracer sizes are tensors; checks would warn
             self._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond)
+            self._check_added_inputs(sample.shape[0], text_embeds, time_ids)
         t = timestep.reshape(-1).expand(sample.shape[0])  # broadcast a scalar; (B,)
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(t_emb.to(sample.dtype), timestep_cond)
+        if self.add_embedding is not None:  # text_time: _check_added_inputs required both tensors
+            emb = emb + self._added_embedding(text_embeds, time_ids, emb.dtype)
         temb = F.silu(emb)  # every resnet applies SiLU before its projection; do it once
         ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
