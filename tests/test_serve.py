@@ -411,3 +411,17 @@ def test_runtime_and_generate_import_no_server_libraries():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_engine_options_reach_the_pipelines_and_bad_ones_fail_at_construction(tiny_fp32_bundle):
+    service = GenerationService(str(tiny_fp32_bundle), engine_options={"threads": 1})
+    service.start()
+    try:
+        wait_for(lambda: service.ready or service.error, "the service to open")
+        assert service.error is None
+        assert service.pipeline.options.threads == 1
+        assert service.img2img is not None and service.img2img.options.threads == 1
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match=r"unknown onnxruntime engine options \['thread'\]"):
+        GenerationService(str(tiny_fp32_bundle), engine_options={"thread": 1})

@@ -31,6 +31,8 @@ def build_parser(max_batch: int) -> argparse.ArgumentParser:
                    help="seconds before a request gets 408 and its job is cancelled (default 600)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads per engine (default: the backend's, all cores)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas instead of in this process")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: the number of replicas (default 1)")
@@ -83,7 +85,8 @@ def serve(a: argparse.Namespace) -> int:
         Manifest.load(a.bundle, verify=False)  # a bad bundle is one line now, not a server that never gets ready
         service = GenerationService(a.bundle, backend=a.backend, device=a.device, max_inflight=a.max_inflight,
                                     max_queue=a.max_queue, max_batch=a.max_batch, batch_wait_s=a.batch_wait_ms / 1000,
-                                    request_timeout_s=a.request_timeout)
+                                    request_timeout_s=a.request_timeout,
+                                    engine_options={} if a.threads is None else {"threads": a.threads})
     except (ValueError, OSError) as e:
         print(f"ldm serve: error: {one_line(e)}", file=sys.stderr)
         return 2

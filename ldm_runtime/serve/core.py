@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..backends import engine_options as engine_opts
 from ..cancel import Cancelled, CancelToken
 from ..generate import png_parameters
 from ..images import png_bytes
@@ -146,7 +147,8 @@ class GenerationService:
 
     def __init__(self, bundle: str, backend: str = "onnxruntime", device: str = "cpu", max_inflight: int = 1,
                  max_queue: int = 8, max_batch: int = DEFAULT_MAX_BATCH, batch_wait_s: float = 0.01,
-                 request_timeout_s: float = 600.0, on_step: Callable[[list[Job], int], None] | None = None):
+                 request_timeout_s: float = 600.0, on_step: Callable[[list[Job], int], None] | None = None,
+                 engine_options: dict[str, Any] | None = None):
         for name, value, low in (("max_inflight", max_inflight, 1), ("max_queue", max_queue, 0),
                                  ("max_batch", max_batch, 1)):
             if not isinstance(value, int) or value < low:
@@ -155,6 +157,12 @@ class GenerationService:
             raise ValueError(f"batch_wait_s must be >= 0 and request_timeout_s > 0, got {batch_wait_s!r} and "
                              f"{request_timeout_s!r}")
         self.bundle, self.backend, self.device = str(bundle), backend, device
+        # fields of the backend's options (onnxruntime: OrtOptions, e.g. threads=2); checked here, not at start()
+        self.engine_options = dict(engine_options or {})
+        try:
+            engine_opts(backend, None, **self.engine_options)
+        except TypeError as e:  # an unknown option name
+            raise ValueError(str(e)) from None
         self.max_inflight, self.max_queue, self.max_batch = max_inflight, max_queue, max_batch
         self.batch_wait_s, self.request_timeout_s, self.on_step = batch_wait_s, request_timeout_s, on_step
         self.pipe: Pipeline | None = None
@@ -188,10 +196,11 @@ class GenerationService:
 
     def _open_and_warm(self) -> None:
         try:
-            self.pipe = Pipeline.load(self.bundle, backend=self.backend, device=self.device)
+            self.pipe = Pipeline.load(self.bundle, backend=self.backend, device=self.device, **self.engine_options)
             self.pipe.open_engines()
             if self.pipe.manifest.has("vae_encoder"):
-                self.img2img = Img2ImgPipeline.load(self.bundle, backend=self.backend, device=self.device)
+                self.img2img = Img2ImgPipeline.load(self.bundle, backend=self.backend, device=self.device,
+                                                    **self.engine_options)
                 self.img2img.engines.update(self.pipe.engines)  # one engine per component for both
                 self.img2img.open_engines()
             self.pipe("warm-up", num_inference_steps=2, seed=0, output_type="np")  # the default size
