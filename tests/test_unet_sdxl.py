@@ -17,6 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from training.models.unet import UNet, UNetConfig, UnsupportedConfigError
+from test_unet import randomize_
 
 TOL = 1e-4
 
@@ -75,16 +76,6 @@ TINY = {
                           projection_class_embeddings_input_dim=46, cross_attention_dim=32,  # 6*5 + 16
                           flip_sin_to_cos=False, freq_shift=1), 6, [(8, 8), (5, 7)]),
 }
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    # every parameter redrawn (default inits leave biases 0 and norm scales 1); norm scales near 1
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.05
-            is_norm_scale = name.endswith("weight") and (".norm" in f".{name}" or "conv_norm_out" in name)
-            p.copy_(1.0 + noise if is_norm_scale else noise)
 
 
 def time_ids(k: int) -> torch.Tensor:
