@@ -11,8 +11,15 @@ dimensions fixed.
 The peak is the best of a large square fp32 matmul in numpy's BLAS, in torch (when importable)
 and in onnxruntime's own MatMul kernel (MLAS, what the runtime uses), each best-of-N.
 
+``--precisions`` measures the peak of each precision the runtime can run in, through the libraries
+it uses: fp32 (numpy, torch, onnxruntime, OpenVINO f32), bf16 (OpenVINO with
+``INFERENCE_PRECISION_HINT=bf16``, only where the CPU reports BF16: elsewhere OpenVINO quietly
+computes in f32), int8 (onnxruntime ``MatMulInteger``, OpenVINO's int8 MatMul from FakeQuantize),
+and then each component's fraction of the peak of the precision it runs in, per backend.
+
     python bench/flops.py engines/bench-mid/bundle --threads 2            # count, measure, fraction
     python bench/flops.py engines/bench-mid/bundle --step-seconds 0.61    # with a step time measured elsewhere
+    python bench/flops.py engines/bench-mid/bundle --threads 2 --precisions   # peaks per precision, fractions
 """
 from __future__ import annotations
 
@@ -254,6 +261,160 @@ def _ort_matmul(n: int, threads: int | None, b: np.ndarray):
     return lambda: s.run(None, {"a": a})
 
 
+def _ov_compiled(model, threads: int | None, precision: str = "f32"):
+    from ldm_runtime.backends.openvino import core
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return core().compile_model(model, "CPU", config)
+
+
+def _ov_matmul(n: int, threads: int | None, b: np.ndarray, precision: str):
+    """An OpenVINO (n x n) @ b matmul compiled for ``precision`` ("f32", "bf16")."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    a = ops.parameter([n, n], np.float32, name="a")
+    model = ov.Model([ops.matmul(a, ops.constant(b), False, False)], [a], "mm")
+    request = _ov_compiled(model, threads, precision).create_infer_request()
+    x = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    return lambda: request.infer({"a": x})
+
+
+def _ov_int8_matmul(n: int, threads: int | None, b: np.ndarray):
+    """An OpenVINO matmul of int8-quantized operands (FakeQuantize on both: OpenVINO's low-precision
+    transformations run it as u8 x i8 with int32 accumulation)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    def fq(x, lo, hi, levels):
+        return ops.fake_quantize(x, ops.constant(np.float32(lo)), ops.constant(np.float32(hi)),
+                                 ops.constant(np.float32(lo)), ops.constant(np.float32(hi)), levels)
+
+    a = ops.parameter([n, n], np.float32, name="a")
+    y = ops.matmul(fq(a, 0.0, 4.0, 256), fq(ops.constant(b), -4.0, 4.0, 255), False, False)
+    request = _ov_compiled(ov.Model([y], [a], "mm8"), threads).create_infer_request()
+    x = np.abs(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
+    return lambda: request.infer({"a": x})
+
+
+def _ort_matmul_integer(n: int, threads: int | None, b: np.ndarray):
+    """onnxruntime's ``MatMulInteger``: uint8 activations @ int8 weights, int32 out (what dynamic
+    and static int8 quantization of a MatMul run)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.clip(np.round(b * 32), -127, 127).astype(np.int8)
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mm8",
+                          [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+                          [numpy_helper.from_array(w, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)
+    return lambda: s.run(None, {"a": a})
+
+
+def has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def peaks_by_precision(n: int = 2048, repeats: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """GFLOP/s (2 per multiply-add) of an (n x n) @ (n x n) matmul per precision and library, best of
+    ``repeats``: {"fp32": {...}, "bf16": {...}, "int8": {...}}; a library or precision this machine
+    lacks is left out, and ``"bf16"`` is empty where the CPU has no bf16 arithmetic."""
+    b = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out = {"fp32": peak_matmul_gflops(n, repeats, threads), "bf16": {}, "int8": {}}
+    out["int8"]["onnxruntime MatMulInteger"] = _best_rate(_ort_matmul_integer(n, threads, b), n, repeats)
+    if has_openvino():
+        from ldm_runtime.backends.openvino import cpu_capabilities
+
+        out["fp32"]["openvino"] = _best_rate(_ov_matmul(n, threads, b, "f32"), n, repeats)
+        out["int8"]["openvino"] = _best_rate(_ov_int8_matmul(n, threads, b), n, repeats)
+        if "BF16" in cpu_capabilities():
+            out["bf16"]["openvino"] = _best_rate(_ov_matmul(n, threads, b, "bf16"), n, repeats)
+    return out
+
+
+# the precision each backend setting computes a float component in
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}
+
+
+def component_precision(pipe: Any, component: str) -> str:
+    """The arithmetic ``component`` runs in on ``pipe``'s backend: int8 for a quantized component, the
+    OpenVINO engine's compiled precision, else the bundle's."""
+    entry = pipe.manifest.data["components"][component]
+    if entry.get("precision") == "int8":
+        return "int8"
+    eng_precision = getattr(pipe.engine(component), "precision", None)
+    return _PRECISION_NAMES[eng_precision or pipe.manifest.precision]
+
+
+def component_fractions(bundle: str, backend: str, options: dict[str, Any], peaks: dict[str, dict[str, float]],
+                        height: int | None = None, width: int | None = None, repeats: int = 5) -> list[dict[str, Any]]:
+    """Per component (the text encoder on one prompt, the U-Net at batch 2, the decoder at batch 1): its
+    FLOPs per call, median seconds on ``backend`` with ``options``, and the fraction of the best peak of
+    the precision it runs in (None where that precision has no measured peak)."""
+    from bench.runtime import component_feeds
+    from ldm_runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend=backend, **options)
+    h, w = height or pipe.manifest.default_size[0], width or pipe.manifest.default_size[1]
+    rows = []
+    for key, feeds in component_feeds(pipe, h, w, batch=1).items():
+        if key == "unet_B":
+            continue
+        comp = "unet" if key.startswith("unet") else key
+        eng = pipe.engine(comp)
+        graph = pipe.manifest.path(pipe.manifest.data["components"][comp]["file"])
+        flops = count_flops(graph, {k: tuple(v.shape) for k, v in feeds.items()})["total"]
+        eng.run(feeds)
+        seconds = float(np.median([_timed(lambda: eng.run(feeds)) for _ in range(repeats)]))
+        precision = component_precision(pipe, comp)
+        peak = max(peaks.get(precision, {}).values(), default=None)
+        achieved = flops / seconds / 1e9
+        rows.append({"backend": backend, "options": options, "component": key, "precision": precision,
+                     "gflops": flops / 1e9, "seconds": seconds, "achieved_gflops_s": achieved,
+                     "peak_gflops_s": peak, "fraction_of_peak": achieved / peak if peak else None})
+    return rows
+
+
+def precisions_markdown(peaks: dict[str, dict[str, float]], rows: list[dict[str, Any]], n: int) -> str:
+    lines = [f"| precision | matmul peak GFLOP/s (n={n}), per library | best |", "|---|---|---|"]
+    for prec, libs in peaks.items():
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in libs.items()) or "not available on this CPU"
+        lines.append(f"| {prec} | {shown} | **{max(libs.values()):.1f}** |" if libs else f"| {prec} | {shown} | - |")
+    lines += ["", "| backend (options) | component | precision | GFLOP/call | median | achieved GFLOP/s | "
+              "**fraction of its precision's peak** |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        frac = f"**{100 * r['fraction_of_peak']:.1f}%**" if r["fraction_of_peak"] is not None else "no peak measured"
+        lines.append(f"| {r['backend']} ({opts}) | {r['component']} | {r['precision']} | {r['gflops']:.2f} | "
+                     f"{1e3 * r['seconds']:.1f} ms | {r['achieved_gflops_s']:.1f} | {frac} |")
+    return "\n".join(lines) + "\n"
+
+
+def _backend_settings(threads: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """onnxruntime, and OpenVINO in each precision this CPU has, at ``threads``."""
+    base = {"threads": threads} if threads else {}
+    settings = [("onnxruntime", dict(base))]
+    if has_openvino():
+        from ldm_runtime.backends.openvino import cpu_capabilities
+
+        settings.append(("openvino", {**base, "precision": "f32"}))
+        if "BF16" in cpu_capabilities():
+            settings.append(("openvino", {**base, "precision": "bf16"}))
+    return settings
+
+
 def unet_step_seconds(bundle: str, height: int, width: int, batch: int, threads: int | None, repeats: int,
                       opt_level: str = "all") -> float:
     """Median seconds of one U-Net call through the runtime's own engine (onnxruntime CPU)."""
@@ -340,11 +501,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-seconds", type=float, default=None, help="use this U-Net step time instead of measuring")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--diffusers", default=None, help="a diffusers folder with the same weights: time its U-Net too")
+    p.add_argument("--precisions", action="store_true",
+                   help="the peak of each precision (fp32, bf16, int8) and each component's fraction of its own, "
+                        "on onnxruntime and OpenVINO")
     args = p.parse_args(argv)
     h = w = None
     if args.size:
         hs, _, ws = args.size.lower().partition("x")
         h, w = int(hs), int(ws or hs)
+    if args.precisions:
+        peaks = peaks_by_precision(args.matmul_n, args.repeats, args.threads)
+        rows = [row for backend, opts in _backend_settings(args.threads)
+                for row in component_fractions(args.bundle, backend, opts, peaks, h, w, args.repeats)]
+        if args.json:
+            Path(args.json).write_text(json.dumps({"peaks": peaks, "components": rows, "matmul_n": args.matmul_n},
+                                                  indent=2) + "\n")
+        print(precisions_markdown(peaks, rows, args.matmul_n))
+        return 0
     r = limit_report(args.bundle, h, w, args.batch, args.threads, args.repeats, args.step_seconds, args.matmul_n,
                      args.diffusers)
     if args.json:

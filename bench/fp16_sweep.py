@@ -85,7 +85,7 @@ def sweep(component: str, ld, dims, work: Path, seeds: int, sizes: list[tuple[in
     scratch = work / f".{component}.scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    path, _, nodes, fp16_info, secs = export_onnx(component, module, spec, dims, "fp16", work, scratch,
+    path, _, nodes, fp16_info, secs, _ = export_onnx(component, module, spec, dims, "fp16", work, scratch,
                                                   (sizes[0][0] * dims.vae_scale_factor, sizes[0][1] * dims.vae_scale_factor),
                                                   policy=policy_for(component, len(ld.vae_config.block_out_channels),
                                                                     decoder_fp32_tail))

@@ -43,8 +43,8 @@ def loop_breakdown(pipe: Pipeline, steps: int, images: int, scale: float = 7.5) 
         raise SystemExit("the U-Net engine has no onnxruntime session")
     session = getattr(session, "_target", session)  # under ldm_runtime.timing.instrument
     names = [o.name for o in eng.outputs]
-    embeds, negative = pipe.encode_prompt([PROMPT], 1, [""])  # guided, the empty negative prompt
-    cond = guidance.cfg_embeddings(negative, embeds)
+    # guided, the empty negative prompt: the [negative; prompt] rows the U-Net sees
+    cond = pipe.encode_prompt([PROMPT], 1, [""]).unet_rows()["encoder_hidden_states"]
     h, w = pipe.manifest.default_size
     acc: dict[str, float] = {}
     n = 0

@@ -16,7 +16,9 @@ def _header(result: dict[str, Any]) -> str:
     m, b = result["machine"], result["bundle_info"]
     return (f"{m['cpu']}, {m['cores']} cores, load {m.get('loadavg_1m', '?')} -> {m.get('loadavg_1m_end', '?')}, "
             f"onnxruntime {m.get('onnxruntime', '?')}, {m['date']}; bundle {b['precision']} {b['sha256']}, "
-            f"scheduler {b['scheduler']}; engine options {json.dumps(result['engine_options'])}, graphs "
+            f"scheduler {b['scheduler']}; "
+            + "".join(f"LoRA {x['file']} (sha256 {x['sha256'][:12]}) at {x['scale']:g}; " for x in b.get("loras", []))
+            + f"engine options {json.dumps(result['engine_options'])}, graphs "
             f"{', '.join(b['graphs'])}; medians of {result['config']['repeats']} runs after "
             f"{result['config']['warmup']} warm-up")
 

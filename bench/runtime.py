@@ -35,6 +35,7 @@ import numpy as np
 from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
 from bench.report import plot, to_markdown
 from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_sizes
+from ldm_runtime.generate import lora_arg, lora_parameters
 from ldm_runtime.manifest import BundleError
 from ldm_runtime.shapes import bind_shapes, feed_ranges, random_feeds, size_dims
 from ldm_runtime.timing import EngineClock, instrument
@@ -167,13 +168,21 @@ class BenchConfig:
     scheduler: str | None = None
     startup: bool = True  # the fresh-process measurements (import, load, peak RSS)
     negative_cache: bool = True  # False: encode the negative prompt on every call (the cache's "before")
-    engine_options: dict = field(default_factory=dict)  # extra onnxruntime options (arena, ...)
+    engine_options: dict = field(default_factory=dict)  # extra engine options (arena, precision, ...)
+    backend: str = "onnxruntime"  # or "openvino" (the CPU backends)
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) fused at load (Pipeline.load(loras=))
 
     def options(self) -> dict:
-        opts = {"opt_level": self.opt_level, **self.engine_options}
+        """The engine options (``opt_level`` is onnxruntime's only)."""
+        opts = {**({"opt_level": self.opt_level} if self.backend == "onnxruntime" else {}), **self.engine_options}
         if self.threads is not None:
             opts["threads"] = self.threads
         return opts
+
+    def load_kwargs(self) -> dict:
+        """``Pipeline.load`` keywords: the backend, its options and the LoRAs."""
+        loras = {"loras": [list(x) for x in self.loras]} if self.loras else {}
+        return {"backend": self.backend, **self.options(), **loras}
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
@@ -182,7 +191,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dic
 
     result: dict[str, Any] = {"bundle": str(cfg.bundle), "config": asdict(cfg), "machine": machine_info()}
     t0 = time.perf_counter()
-    pipe = Pipeline.load(cfg.bundle, **cfg.options())
+    pipe = Pipeline.load(cfg.bundle, **cfg.load_kwargs())
     if not cfg.negative_cache:
         from ldm_runtime.guidance import EmbeddingCache
 
@@ -194,7 +203,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dic
     result["engine_options"] = cfg.options()
     result["bundle_info"] = {"sha256": man.sha256[:16], "precision": man.precision, "scheduler": pipe.scheduler_name,
                              "default_size": list(man.default_size), "graphs": [f for f in used if f.endswith(".onnx")],
-                             "bytes_read": sum(int(man.data["files"][f].get("bytes", 0)) for f in used)}
+                             "bytes_read": sum(int(man.data["files"][f].get("bytes", 0)) for f in used),
+                             **({"loras": lora_parameters(pipe.loras)} if pipe.loras is not None else {})}
     default = man.default_size
     sizes = [default] + [s for s in cfg.sizes if tuple(s) != tuple(default)]
     result["components"] = {}
@@ -213,7 +223,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = logger.info) -> dic
                                                     cfg.guidance_scale, scheduler=cfg.scheduler))
     if cfg.startup:
         log("start-up and peak RSS in fresh processes")
-        result["startup"] = time_startup(cfg.bundle, cfg.options(), cfg.repeats, steps=min(cfg.steps),
+        result["startup"] = time_startup(cfg.bundle, cfg.load_kwargs(), cfg.repeats, steps=min(cfg.steps),
                                          guidance_scale=cfg.guidance_scale)
     result["machine"]["loadavg_1m_end"] = machine_info().get("loadavg_1m")
     return result
@@ -266,13 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=parse_sizes, default=(), help="extra image sizes, e.g. 192,256x384 (default: the bundle's only)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (medians reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each figure")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="the CPU backend (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     p.add_argument("--opt-level", default="all", choices=("disable", "basic", "extended", "all"))
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra engine option, repeatable (e.g. cpu_variant=false, mem_pattern=false, arena=false, "
                         "spinning=false)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the bundle's)")
+    p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA fused at load, as ldm generate --lora (repeatable)")
     p.add_argument("--no-startup", action="store_true", help="skip the fresh-process start-up and RSS runs")
     p.add_argument("--no-negative-cache", action="store_true", help="encode the negative prompt on every call")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
@@ -291,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     cfg = BenchConfig(bundle=args.bundle, steps=args.steps, sizes=args.sizes, repeats=args.repeats,
-                      warmup=args.warmup, threads=args.threads, opt_level=args.opt_level,
+                      warmup=args.warmup, threads=args.threads, opt_level=args.opt_level, backend=args.backend,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler, startup=not args.no_startup,
-                      negative_cache=not args.no_negative_cache,
+                      negative_cache=not args.no_negative_cache, loras=tuple(args.lora),
                       engine_options=parse_engine_options(args.engine_option))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

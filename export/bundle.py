@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 from ldm_runtime.manifest import COMPONENTS, MANIFEST_NAME, SCHEMA, atomic_write_json, new_manifest, record_file
 from ldm_runtime.tokenizer import TOKENIZER_OPTIONS
 
+from .lora_map import add_lora_maps
 from .onnx_export import OPSET, ExportResult, ParityError, export_component
 from .specs import dims_from_models
 
@@ -134,8 +135,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str, ExportResult],
-                   dims, tokenizer_files: Sequence[str]) -> dict[str, Any]:
-    """The manifest of the bundle being built in ``root`` (files hashed from disk)."""
+                   dims, tokenizers: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """The manifest of the bundle being built in ``root`` (files hashed from disk). ``tokenizers``: the
+    bundle paths of each tokenizer's vocab and merges, by manifest field ("tokenizer", "tokenizer_2")."""
     man = new_manifest()
     vae = ld.vae_config
     man.update({
@@ -147,15 +149,56 @@ def build_manifest(ld, src: Path, root: Path, precision: str, results: dict[str,
                    "shift_factor": float(vae.shift_factor or 0.0), "vae_scale_factor": dims.vae_scale_factor},
         "default_size": {"height": int(ld.default_size[0]), "width": int(ld.default_size[1])},
         "text": {"max_length": dims.max_length, "hidden_size": dims.hidden_size},
-        "tokenizer": {"vocab": tokenizer_files[0], "merges": tokenizer_files[1],
-                      **_tokenizer_options(ld.tokenizer_config, dims.max_length)},
+        **{field: {"vocab": files[0], "merges": files[1],
+                   **_tokenizer_options(tokenizer_sources(ld)[field][1], dims.max_length)}
+           for field, files in tokenizers.items()},
         "scheduler": {"name": ld.scheduler_name, "config": dict(ld.scheduler_config)},
     })
-    man["components"] = {c: r.manifest_entry() for c, r in results.items()}
+    if ld.is_sdxl:
+        man["conditioning"] = conditioning(ld)
+    man["components"] = {c: {**r.manifest_entry(), **_precision_note(ld, c, precision)} for c, r in results.items()}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST_NAME:
             record_file(man, root, p.relative_to(root).as_posix())
     return man
+
+
+_ENCODER_TOKENIZER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # the manifest field of each's tokenizer
+
+
+def tokenizer_sources(ld) -> dict[str, tuple[Path, dict]]:
+    """The source's tokenizers by manifest field ("tokenizer", "tokenizer_2"): (folder, config), one per text encoder."""
+    sources = {"text_encoder": (ld.tokenizer_dir, ld.tokenizer_config),
+               "text_encoder_2": (ld.tokenizer_2_dir, ld.tokenizer_2_config)}
+    return {_ENCODER_TOKENIZER[name]: (Path(sources[name][0]), sources[name][1]) for name in ld.text_encoders()}
+
+
+def conditioning(ld) -> dict[str, Any]:
+    """The manifest's ``conditioning`` of an SDXL source: its text encoders in concatenation order (the second
+    one's pooled output feeds the U-Net's ``text_embeds``) and the pipeline's flags."""
+    encoders = [{"component": name, "tokenizer": _ENCODER_TOKENIZER[name], "hidden": "hidden_states",
+                 **({"pooled": "text_embeds"} if name == "text_encoder_2" else {})} for name in ld.text_encoders()]
+    o = ld.sdxl
+    return {"text_encoders": encoders, "force_zeros_for_empty_prompt": o.force_zeros_for_empty_prompt,
+            "requires_aesthetics_score": o.requires_aesthetics_score, "pipeline": o.pipeline}
+
+
+def component_precision(ld, component: str, precision: str) -> str:
+    """The precision ``component`` is exported at: the bundle's, but fp32 for the VAE of an SDXL source with
+    ``force_upcast`` (its VAE overflows in fp16 with real weights)."""
+    upcast = ld.is_sdxl and ld.sdxl.vae_force_upcast and component in ("vae_decoder", "vae_encoder")
+    return "fp32" if upcast else precision
+
+
+def _precision_note(ld, component: str, precision: str) -> dict[str, str]:
+    own = component_precision(ld, component, precision)
+    return {} if own == precision else {"precision": own, "precision_reason": "force_upcast"}
+
+
+def source_components(ld) -> tuple[str, ...]:
+    """The components ``ld`` has, in ``COMPONENTS`` order (SD: no text_encoder_2; an SDXL refiner: no text_encoder)."""
+    encoders = ld.text_encoders()
+    return tuple(c for c in COMPONENTS if c in encoders or c not in _ENCODER_TOKENIZER)
 
 
 def _tokenizer_options(config: dict, max_length: int) -> dict[str, Any]:
@@ -166,20 +209,19 @@ def _tokenizer_options(config: dict, max_length: int) -> dict[str, Any]:
 
 
 def check_source(ld, max_length: int) -> None:
-    """Refuse a source whose tokenizer or scheduler config ``ldm generate`` would refuse, before anything
+    """Refuse a source whose tokenizers or scheduler config ``ldm generate`` would refuse, before anything
     is written: both are read here as the runtime reads them."""
     from ldm_runtime.schedulers import make_scheduler
     from ldm_runtime.tokenizer import CLIPTokenizer
 
-    folder = Path(ld.tokenizer_dir)
-    try:
-        tok = CLIPTokenizer(folder / "vocab.json", folder / "merges.txt",
-                            **_tokenizer_options(ld.tokenizer_config, max_length))
-    except (OSError, ValueError) as e:
-        raise ExportError(f"the source's tokenizer in {str(folder)!r} cannot be read: {e}") from None
-    if tok.model_max_length != max_length:
-        raise ExportError(f"the source's tokenizer has model_max_length {tok.model_max_length}, but its text encoder "
-                          f"takes {max_length} tokens")
+    for field, (folder, config) in tokenizer_sources(ld).items():
+        try:
+            tok = CLIPTokenizer(folder / "vocab.json", folder / "merges.txt", **_tokenizer_options(config, max_length))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"the source's {field} in {str(folder)!r} cannot be read: {e}") from None
+        if tok.model_max_length != max_length:
+            raise ExportError(f"the source's {field} has model_max_length {tok.model_max_length}, but its text "
+                              f"encoders take {max_length} tokens")
     try:
         make_scheduler(ld.scheduler_name, ld.scheduler_config).set_timesteps(1)
     except ValueError as e:
@@ -262,12 +304,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str = "fp32",
-                  components: str | Iterable[str] = COMPONENTS, *, opset: int = OPSET,
+                  components: str | Iterable[str] | None = None, *, opset: int = OPSET,
                   size: tuple[int, int] | None = None, models=None,
                   cpu_variants: bool = True) -> Path:
-    """Export the models of ``src`` (a checkpoint or diffusers folder) to the bundle ``out``.
+    """Export the models of ``src`` (a checkpoint or diffusers folder, SD or SDXL) to the bundle ``out``.
 
-    precision: "fp32" or "fp16". components: the subset to export (names or "a,b,c").
+    precision: "fp32" or "fp16" (an SDXL VAE with ``force_upcast`` stays fp32, and its manifest entry
+    says so). components: the subset to export (names or "a,b,c"; default: every one the source has).
     size: (height, width) in pixels at which models are traced and checked (default: the
     model's default size). models: an already loaded ``LatentDiffusion`` for ``src`` (tests).
     Each graph keeps its weights once, page-aligned in ``<component>.weights`` (``export/weights.py``).
@@ -278,19 +321,20 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
     Returns the bundle path. Raises ``ExportError`` for bad input, ``ParityError`` when a model
     fails its gate; in both cases nothing is left at ``out`` (an existing bundle stays as it was).
     """
-    from training.checkpoint import detect_kind, is_sdxl_source, load_models
+    from training.checkpoint import check_text_conditioning, detect_kind, load_models
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    comps = parse_components(components)
+    wanted = None if components is None else parse_components(components)
     out = check_out(Path(out)).absolute()
     src = Path(src)
-    if models.is_sdxl if models is not None else is_sdxl_source(src):  # JSON only: before any model is built
-        raise ExportError("SDXL export (U-Net text_embeds/time_ids inputs, two text encoders) is not implemented yet")
     if models is None:
         detect_kind(src)  # one clear CheckpointError for a folder of neither kind, before any work
-        models = load_models(src)
+        models = load_models(src)  # refuses text encoders that do not fit the U-Net
+    else:
+        check_text_conditioning(models, src)
     ld = models
+    comps = _components_to_export(ld, wanted)
     dims = dims_from_models(ld)
     check_source(ld, dims.max_length)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -300,23 +344,18 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
     tmp.mkdir()  # 0777 less the umask, as the bundle folder will be (mkdtemp's is 0700)
     log.info("exporting %s (%s) to %s as %s, building in %s", src, ld.source_kind, out, precision, tmp.name)
     try:
-        results = {}
-        for c in comps:
-            results[c] = export_component(c, ld, tmp, dims, precision, opset=opset, size=size)
-        tok = tmp / "tokenizer"
-        tok.mkdir()
-        names = []
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(Path(ld.tokenizer_dir) / name, tok / name)
-            names.append(f"tokenizer/{name}")
+        results = {c: export_component(c, ld, tmp, dims, component_precision(ld, c, precision), opset=opset, size=size)
+                   for c in comps}
+        tokenizers = _copy_tokenizers(ld, tmp)
         _fsync_tree(tmp)
-        manifest = build_manifest(ld, src, tmp, precision, results, dims, names)
+        manifest = build_manifest(ld, src, tmp, precision, results, dims, tokenizers)
         if cpu_variants and precision == "fp32":
             from .optimize import OptimizeError, add_cpu_variants
             try:
                 add_cpu_variants(tmp, manifest, tuple(comps))
             except OptimizeError as e:
                 raise ParityError(f"CPU variant: {e}") from e
+        add_lora_maps(tmp, manifest, {c: r.lora_targets for c, r in results.items() if r.lora_targets})
         atomic_write_json(tmp / MANIFEST_NAME, manifest)  # last: without it the folder is not a bundle
         _move_into_place(tmp, out)
     except BaseException:
@@ -324,3 +363,24 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, precision: str
         raise
     log.info("bundle written: %s (%d files)", out, len(manifest["files"]))
     return out
+
+
+def _components_to_export(ld, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``wanted`` (default: every component the source has); one the source lacks is refused."""
+    have = source_components(ld)
+    missing = [c for c in wanted or () if c not in have]
+    if missing:
+        kind = "an SDXL refiner" if ld.is_sdxl else "an SD pipeline"
+        raise ExportError(f"the source has no {', '.join(missing)} ({kind}); its components are {', '.join(have)}")
+    return wanted or have
+
+
+def _copy_tokenizers(ld, root: Path) -> dict[str, list[str]]:
+    """Each tokenizer's vocab and merges copied to ``root/<field>/``; their bundle paths by manifest field."""
+    copied = {}
+    for field, (folder, _) in tokenizer_sources(ld).items():
+        (root / field).mkdir()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(folder / name, root / field / name)
+        copied[field] = [f"{field}/vocab.json", f"{field}/merges.txt"]
+    return copied

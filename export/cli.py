@@ -1,7 +1,8 @@
 """``ldm export``: parse arguments, call ``export.bundle.export_bundle``, report one line on failure.
 
-``ldm build-engines`` lives in ``export.tensorrt``; ``build_engines_main`` here only forwards to it,
-so the ``ldm`` dispatcher finds both commands in this module.
+``ldm build-engines`` lives in ``export.tensorrt`` and ``ldm quantize`` in ``export.quantize``;
+``build_engines_main`` and ``quantize_main`` here only forward to them, so the ``ldm`` dispatcher finds
+every export command in this module.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="our checkpoint folder or a diffusers pipeline folder")
     p.add_argument("out", help="the bundle folder to write (an existing bundle is replaced)")
     p.add_argument("--precision", default="fp32", help="fp32 or fp16 (default fp32)")
-    p.add_argument("--components", default=",".join(COMPONENTS),
-                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
+    p.add_argument("--components", default=None,
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all the source has)")
     p.add_argument("--size", type=parse_size, default=None,
                    help="HEIGHTxWIDTH in pixels where models are traced and checked (default: the model's default size)")
     p.add_argument("--no-cpu-variants", action="store_true",
@@ -80,6 +81,14 @@ def _setup_logging(level: int) -> None:
     # the graph passes log every merged initializer at INFO
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    """``ldm quantize BUNDLE [--out DIR] [...]`` (see ``export.quantize``)."""
+    from .quantize import quantize_main as main
+
+    _setup_logging(logging.INFO)
+    return int(main(argv))
 
 
 def build_engines_main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ Which nodes stay fp32 (see ``policy_for`` and ``bench/fp16_sweep.py`` for the me
   Softmax. Large-head models (SD 2.x's ``upcast_attention``) overflow here;
 - everything computed from fp32 graph inputs alone: the U-Net timestep (sin/cos of arguments up
   to 1000, where an fp16 argument is off by up to 0.25 rad) through its MLP and each resnet's
-  time projection, a (B, C) side branch, so it costs nothing;
+  time projection, a (B, C) side branch, so it costs nothing; likewise SDXL's ``time_ids`` (pixel
+  sizes up to 1024 and more) up to where their sinusoids meet the fp16 ``text_embeds``;
 - optional name scopes (regexes on the exporter's ``/module/path/Op`` node names), e.g. the VAE
   decoder's last up-block and conv_out (``policy_for(..., decoder_fp32_tail=True)``; off by
   default: no random-weight measurement has needed it, see the sweep).
@@ -97,7 +98,8 @@ class Fp16Policy:
 def policy_for(component: str, vae_levels: int = 4, decoder_fp32_tail: bool = False) -> Fp16Policy:
     """The default policy of a component (decided by the measurements in bench/fp16_sweep.py)."""
     if component == "unet":
-        return Fp16Policy(fp32_io=frozenset({"timestep"}))
+        # SDXL's time_ids (sizes up to 1024, as timesteps are) go through sinusoids as the timestep does
+        return Fp16Policy(fp32_io=frozenset({"timestep", "time_ids"}))
     if component == "vae_decoder" and decoder_fp32_tail:
         # the decoder's last up-block runs at full resolution with the largest activations
         last = vae_levels - 1

@@ -25,6 +25,7 @@ from .fp16 import Fp16Policy, convert_to_fp16, emulate_fp16, io_dtypes, policy_f
 from .graph_copy import infer_shapes
 from .parity import parity_metrics
 from .specs import ComponentSpec, ModelDims, ProfileError, component_spec, sample_inputs, with_dtypes
+from .lora_map import LORA_COMPONENTS, find_targets
 from .weights import locations, save_with_weights
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,30 @@ class _TextEncoder(nn.Module):
         return self.text_encoder(input_ids)  # (B, 77) -> (B, 77, D)
 
 
-class _UNet(nn.Module):
-    def __init__(self, m: nn.Module):
+class _SDXLTextEncoder(nn.Module):
+    """SDXL's use of a text encoder: the penultimate hidden state, and with ``pooled`` the projected pooled token."""
+
+    def __init__(self, m: nn.Module, pooled: bool):
         super().__init__()
-        self.unet = m
+        self.text_encoder, self.pooled = m, pooled
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder.encode(input_ids)
+        hidden = out.hidden_states[-2]  # = sdxl_prompt_embeds(input_ids), from the same pass as the pooled output
+        return (hidden, out.pooled) if self.pooled else hidden
+
+
+class _UNet(nn.Module):
+    """The U-Net called with its inputs in spec order: sample, timestep, encoder_hidden_states, then the
+    optional ones the spec lists (``timestep_cond``: LCM; ``text_embeds``, ``time_ids``: SDXL)."""
+
+    def __init__(self, m: nn.Module, optional: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet, self.optional = m, optional
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-        # timestep_cond: the guidance embedding, an input only of LCM-distilled U-Nets (see specs.py)
-        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
+                *optional: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, **dict(zip(self.optional, optional)))
 
 
 class _VaeDecoder(nn.Module):
@@ -79,10 +95,19 @@ class _VaeEncoder(nn.Module):
 
 
 def wrap(component: str, ld) -> nn.Module:
-    """The module exported for ``component`` of a ``LatentDiffusion``."""
+    """The module exported for ``component`` of a ``LatentDiffusion``: inputs and outputs in its spec's order."""
+    optional = (("timestep_cond",) if ld.unet_config.time_cond_proj_dim is not None else ()) \
+        + (("text_embeds", "time_ids") if ld.is_sdxl else ())
+
+    def text(m: nn.Module | None, pooled: bool) -> nn.Module:
+        if m is None:
+            raise ValueError(f"these models have no {component!r} (an SDXL refiner has only text_encoder_2)")
+        return _SDXLTextEncoder(m, pooled) if ld.is_sdxl else _TextEncoder(m)
+
     wrappers: dict[str, Callable[[], nn.Module]] = {
-        "text_encoder": lambda: _TextEncoder(ld.text_encoder),
-        "unet": lambda: _UNet(ld.unet),
+        "text_encoder": lambda: text(ld.text_encoder, pooled=False),
+        "text_encoder_2": lambda: text(ld.text_encoder_2, pooled=True),
+        "unet": lambda: _UNet(ld.unet, optional),
         "vae_decoder": lambda: _VaeDecoder(ld.vae),
         "vae_encoder": lambda: _VaeEncoder(ld.vae),
     }
@@ -236,6 +261,7 @@ class ExportResult:
     batch_mult: int = 1
     fp16: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    lora_targets: dict[str, Any] = field(default_factory=dict)  # export.lora_map.find_targets; written by the bundle
 
     def manifest_entry(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -280,7 +306,7 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     scratch = out_dir / f".{component}.scratch"  # big models come out of torch as many files
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        path, external, nodes, fp16_info, secs = export_onnx(
+        path, external, nodes, fp16_info, secs, lora_targets = export_onnx(
             component, module, spec, dims, precision, out_dir, scratch, size, opset, policy or policy_for(component))
         # parity gate against the torch model, on onnxruntime's CPU provider (and for fp16 also on
         # the twin that rounds every fp16 tensor: the CPU kernels compute most fp16 ops in fp32)
@@ -300,7 +326,8 @@ def export_component(component: str, ld, out_dir: str | Path, dims: ModelDims, p
     return ExportResult(
         component=component, file=path.name, external_data=external,
         inputs=with_dtypes(spec.inputs, dtypes), outputs=with_dtypes(spec.outputs, dtypes),
-        opset=opset_used, nodes=nodes, parity=parity, batch_mult=spec.batch_mult, fp16=fp16_info, seconds=secs)
+        opset=opset_used, nodes=nodes, parity=parity, batch_mult=spec.batch_mult, fp16=fp16_info, seconds=secs,
+        lora_targets=lora_targets)
 
 
 def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: ModelDims, precision: str,
@@ -308,7 +335,8 @@ def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: Mo
                 policy: Fp16Policy | None = None):
     """Trace, clean up, convert to fp16 (if asked), save and check: everything but the parity gate.
 
-    Returns (path, external data files, node counts, fp16 report or None, seconds per step).
+    Returns (path, external data files, node counts, fp16 report or None, seconds per step, LoRA targets:
+    ``export.lora_map.find_targets``, empty for a component no LoRA targets).
     ``scratch`` is an empty folder for torch's raw export (big models come out as many files).
     """
     policy = policy or policy_for(component)
@@ -343,7 +371,8 @@ def export_onnx(component: str, module: nn.Module, spec: ComponentSpec, dims: Mo
 
     # the graph, its weights page-aligned in <component>.weights (see export/weights.py)
     path = out_dir / f"{component}.onnx"
-    external = save_with_weights(model, path)
+    targets = find_targets(model, module, component) if component in LORA_COMPONENTS else {}
+    external = save_with_weights(model, path, external=frozenset(t["initializer"] for t in targets.values()))
     del model
     onnx.checker.check_model(str(path))  # the path form reads external data and has no 2 GB limit
-    return path, external, nodes, fp16_info, secs
+    return path, external, nodes, fp16_info, secs, targets

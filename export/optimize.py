@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ldm_runtime.manifest import ComponentInfo, Manifest, TensorSpec
+from ldm_runtime.manifest import COMPONENTS, ComponentInfo, Manifest, TensorSpec
 from ldm_runtime.shapes import bind_shapes, feed_ranges, random_feeds, size_dims
 
 from . import parity
@@ -41,8 +41,8 @@ from .weights import locations, save_with_weights, weights_by_digest
 log = logging.getLogger(__name__)
 
 CPU_VARIANT_SUFFIX = ".cpu.onnx"
-# the components tried; one with no fusable attention (the text encoder's causal one) gets no variant
-CPU_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# the components tried; one with no fusable attention (the text encoders' causal one) gets no variant
+CPU_COMPONENTS = COMPONENTS
 
 
 class OptimizeError(RuntimeError):
@@ -336,10 +336,14 @@ def optimize_bundle(bundle: str | os.PathLike, components: tuple[str, ...] = CPU
     """Add CPU variants to an existing fp32 bundle and rewrite its manifest (atomically, last)."""
     from ldm_runtime.manifest import MANIFEST_NAME, Manifest, atomic_write_json
 
+    from .lora_map import add_lora_maps, read_targets
+
     man = Manifest.load(bundle, verify=True)
     for entry in man.data["components"].values():  # a rerun replaces earlier variants
         entry.pop("cpu_variant", None)
     done = add_cpu_variants(man.root, man.data, components)
+    add_lora_maps(man.root, man.data, {c: read_targets(man.root, e) for c, e in man.data["components"].items()
+                                       if e.get("lora_map")})
     atomic_write_json(man.root / MANIFEST_NAME, man.data)
     return done
 

@@ -16,6 +16,7 @@ FP32_GATE = ("max_abs_rel", 1e-4, "max")
 # over the layers; the decoder is judged on the image the user sees
 FP16_GATES = {
     "text_encoder": ("rel_l2", 1e-2, "max"),
+    "text_encoder_2": ("rel_l2", 1e-2, "max"),
     "unet": ("rel_l2", 1e-2, "max"),
     "vae_decoder": ("psnr_db", 35.0, "min"),
     "vae_encoder": ("rel_l2", 1e-2, "max"),

@@ -32,6 +32,22 @@ class ModelDims:
     image_channels: int = 3
     time_cond_proj_dim: int | None = None  # an LCM-distilled U-Net's guidance embedding width
     num_train_timesteps: int = 1000  # the scheduler's training range (sample timesteps lie in it)
+    # SDXL: each text encoder's hidden width, in concatenation order (their sum is hidden_size, the
+    # U-Net's context width); empty for SD (one text encoder of width hidden_size)
+    encoder_widths: tuple[tuple[str, int], ...] = ()
+    text_embeds_dim: int | None = None  # SDXL: the pooled width (text_encoder_2's projection, the U-Net's text_embeds)
+    num_time_ids: int | None = None  # SDXL: values per row of the U-Net's time_ids (base 6, refiner 5)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_embeds_dim is not None
+
+    def encoder_width(self, component: str) -> int:
+        """The hidden width of text encoder ``component`` (SD: hidden_size)."""
+        widths = dict(self.encoder_widths) or {"text_encoder": self.hidden_size}
+        if component not in widths:
+            raise ValueError(f"these models have no {component!r} (text encoders: {', '.join(widths)})")
+        return widths[component]
 
 
 @dataclass(frozen=True)
@@ -60,17 +76,18 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
     """The spec of ``name`` (one of ``COMPONENTS``) for models of the given ``dims``."""
     f32 = "float32"
     L, D, C = dims.max_length, dims.hidden_size, dims.latent_channels
-    if name == "text_encoder":
-        return ComponentSpec(name, (TensorSpec("input_ids", "int64", ("B", L)),),
-                             (TensorSpec("last_hidden_state", f32, ("B", L, D)),))
+    if name in ("text_encoder", "text_encoder_2"):
+        return _text_encoder_spec(name, dims)
     if name == "unet":
         # a U-Net with a guidance embedding is never called on [uncond, cond] batches
         cond = () if dims.time_cond_proj_dim is None else (TensorSpec("timestep_cond", f32, ("B", dims.time_cond_proj_dim)),)
+        added = () if not dims.is_sdxl else (TensorSpec("text_embeds", f32, ("B", dims.text_embeds_dim)),
+                                             TensorSpec("time_ids", f32, ("B", dims.num_time_ids)))
         return ComponentSpec(
             name,
             (TensorSpec("sample", f32, ("B", dims.unet_in_channels, "h", "w")),
              TensorSpec("timestep", f32, ("B",)),
-             TensorSpec("encoder_hidden_states", f32, ("B", L, D)), *cond),
+             TensorSpec("encoder_hidden_states", f32, ("B", L, D)), *cond, *added),
             (TensorSpec("out_sample", f32, ("B", dims.unet_out_channels, "h", "w")),),
             batch_mult=1 if cond else 2,
         )
@@ -83,25 +100,54 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
     raise ValueError(f"unknown component {name!r}; expected one of {', '.join(COMPONENTS)}")
 
 
+def _text_encoder_spec(name: str, dims: ModelDims) -> ComponentSpec:
+    """SD: ``last_hidden_state``. SDXL: ``hidden_states`` (the penultimate layer, no final norm), and for
+    ``text_encoder_2`` also ``text_embeds`` (the pooled token through the projection)."""
+    f32, L = "float32", dims.max_length
+    ids = (TensorSpec("input_ids", "int64", ("B", L)),)
+    if not dims.is_sdxl:
+        if name != "text_encoder":
+            raise ValueError(f"{name!r} is a component of SDXL models only")
+        return ComponentSpec(name, ids, (TensorSpec("last_hidden_state", f32, ("B", L, dims.hidden_size)),))
+    hidden = TensorSpec("hidden_states", f32, ("B", L, dims.encoder_width(name)))
+    pooled = (TensorSpec("text_embeds", f32, ("B", dims.text_embeds_dim)),) if name == "text_encoder_2" else ()
+    return ComponentSpec(name, ids, (hidden, *pooled))
+
+
 def dims_from_models(ld) -> ModelDims:
-    """``ModelDims`` from a ``training.checkpoint.LatentDiffusion`` (its three configs)."""
-    u, v, t = ld.unet_config, ld.vae_config, ld.text_config
-    L = int(ld.tokenizer_config.get("model_max_length", t.max_position_embeddings))
-    if L > t.max_position_embeddings:
-        raise ProfileError(f"tokenizer model_max_length {L} exceeds the text encoder's "
-                           f"max_position_embeddings {t.max_position_embeddings}")
+    """``ModelDims`` from a ``training.checkpoint.LatentDiffusion`` (its configs; SDXL: both text encoders)."""
+    u, v = ld.unet_config, ld.vae_config
+    encoders = ld.text_encoders()
+    first = next(iter(encoders.values())).config
+    tok_config = ld.tokenizer_config if ld.text_encoder is not None else ld.tokenizer_2_config
+    L = int(tok_config.get("model_max_length", first.max_position_embeddings))
+    for name, te in encoders.items():
+        if L > te.config.max_position_embeddings:
+            raise ProfileError(f"tokenizer model_max_length {L} exceeds {name}'s "
+                               f"max_position_embeddings {te.config.max_position_embeddings}")
+    widths = tuple((name, int(te.config.hidden_size)) for name, te in encoders.items())
+    sdxl = ld.sdxl
     return ModelDims(
         latent_channels=int(v.latent_channels),
         unet_in_channels=int(getattr(u, "in_channels", v.latent_channels)),
         unet_out_channels=int(getattr(u, "out_channels", v.latent_channels)),
         vae_scale_factor=int(v.spatial_factor),
-        hidden_size=int(t.hidden_size),
+        hidden_size=sum(w for _, w in widths) if sdxl is not None else int(first.hidden_size),
         max_length=L,
-        vocab_size=int(getattr(t, "vocab_size", 49408)),
+        vocab_size=int(getattr(first, "vocab_size", 49408)),
         image_channels=int(getattr(v, "in_channels", 3)),
         time_cond_proj_dim=getattr(u, "time_cond_proj_dim", None),
         num_train_timesteps=int(ld.scheduler_config.get("num_train_timesteps", 1000)),
+        encoder_widths=widths if sdxl is not None else (),
+        text_embeds_dim=None if sdxl is None else _pooled_width(ld),
+        num_time_ids=None if sdxl is None else sdxl.num_time_ids,
     )
+
+
+def _pooled_width(ld) -> int:
+    """The width of text_encoder_2's pooled output (its projection; without one, its hidden width)."""
+    cfg = ld.text_encoder_2.config
+    return int(cfg.projection_dim if cfg.projection_dim is not None else cfg.hidden_size)
 
 
 def sample_inputs(spec: ComponentSpec, dims: ModelDims, batch: int, height: int, width: int,

@@ -29,6 +29,7 @@ import numpy as np
 
 from export import parity
 from export.specs import ComponentSpec, ProfileError, profile
+from ldm_runtime.backends import check_precision
 from ldm_runtime.backends.tensorrt import (
     DeviceMemoryPool,
     GpuInfo,
@@ -81,6 +82,7 @@ class BuildOptions:
     timing_cache: str | None = None  # loaded if present, saved after the builds
     components: tuple[str, ...] | None = None  # None: every component in the bundle
     seed: int = 0  # parity inputs
+    refittable: bool = False  # BuilderFlag.REFIT: LoRAs are applied by refitting the plan at load
 
     def validate(self) -> None:
         if not 0 <= self.opt_level <= 5:
@@ -190,11 +192,12 @@ class PlanBuilder:
     """One ``trt.Builder`` and one timing cache shared by the builds of a run."""
 
     def __init__(self, opt_level: int = 3, workspace_bytes: int | None = None,
-                 timing_cache: str | os.PathLike | None = None) -> None:
+                 timing_cache: str | os.PathLike | None = None, refittable: bool = False) -> None:
         require_tensorrt()
         import tensorrt as trt
 
         self.opt_level = opt_level
+        self.refittable = refittable
         self.workspace_bytes = workspace_bytes
         self.timing_cache_path = Path(timing_cache) if timing_cache is not None else None
         self.builder = trt.Builder(trt_logger())
@@ -236,6 +239,8 @@ class PlanBuilder:
             raise EngineBuildError(f"{name}: the network has inputs {inputs}, the profile covers {sorted(prof)}")
         config = self.builder.create_builder_config()
         config.builder_optimization_level = self.opt_level
+        if self.refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)  # every weight refittable by its ONNX initializer name
         if self.workspace_bytes is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         self._attach_cache(config)
@@ -270,6 +275,7 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
     """
     options.validate()
     m = Manifest.load(bundle)
+    check_precision(m, "tensorrt")
     comps = list(options.components) if options.components else [c for c in COMPONENTS if m.has(c)]
     for c in comps:
         m.component(c)  # BundleError if absent
@@ -288,7 +294,7 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
                     *m.default_size, options.min_size, options.max_size, *opt_hw)
     gpu, version = gpu_info(), tensorrt_version()
     workspace = int(options.workspace_gb * (1 << 30)) if options.workspace_gb else None
-    builder = PlanBuilder(options.opt_level, workspace, options.timing_cache)
+    builder = PlanBuilder(options.opt_level, workspace, options.timing_cache, refittable=options.refittable)
     threshold = parity.TENSORRT_REL_L2.get(m.precision, 1e-2)
     ranges = feed_ranges(m)
     records = []
@@ -326,6 +332,7 @@ def build_engines(bundle: str | os.PathLike, options: BuildOptions = BuildOption
         build = {"min_size": options.min_size, "max_size": options.max_size, "max_batch": options.max_batch,
                  "opt_size": list(opt_hw), "opt_batch": options.opt_batch, "opt_level": options.opt_level,
                  "workspace_gb": options.workspace_gb, "timing_cache": options.timing_cache is not None,
+                 "refittable": options.refittable,
                  "seconds": round(build_s, 2),
                  "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
         file_rec = {"sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan)}
@@ -354,6 +361,8 @@ def build_engines_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
     ap.add_argument("--workspace-gb", type=float, help="workspace memory limit in GiB (default: TensorRT's)")
     ap.add_argument("--components", type=_components, help=f"comma-separated subset of {','.join(COMPONENTS)}")
+    ap.add_argument("--refittable", action="store_true",
+                    help="build refittable plans, so Pipeline.load(loras=) / ldm generate --lora refit them at load")
     try:
         args = ap.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # argparse has printed the usage line (or --help)
@@ -362,7 +371,7 @@ def build_engines_main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="build-engines: %(message)s", stream=sys.stderr)
     options = BuildOptions(min_size=args.min_size, max_size=args.max_size, max_batch=args.max_batch,
                            opt_level=args.opt_level, workspace_gb=args.workspace_gb,
-                           timing_cache=args.timing_cache, components=args.components)
+                           timing_cache=args.timing_cache, components=args.components, refittable=args.refittable)
     try:
         records = build_engines(args.bundle, options)
     except TensorRTUnavailable as e:

@@ -47,17 +47,17 @@ def _point_to(t: TensorProto, ref: Ref) -> None:
         t.external_data.add(key=k, value=v)
 
 
-def _inline_bytes(t: TensorProto) -> bytes | None:
-    """The little-endian bytes of an inline numeric initializer of ``MIN_EXTERNAL_BYTES`` or more, now held
+def _inline_bytes(t: TensorProto, min_bytes: int = MIN_EXTERNAL_BYTES) -> bytes | None:
+    """The little-endian bytes of an inline numeric initializer of ``min_bytes`` or more, now held
     as ``raw_data``; None for one that stays in the graph (small, external already, or strings)."""
     if t.data_location == TensorProto.EXTERNAL or t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
         return None
     if not t.HasField("raw_data"):
         n = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if n < MIN_EXTERNAL_BYTES:
+        if n < min_bytes:
             return None
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))  # typed fields -> raw_data
-    return t.raw_data if len(t.raw_data) >= MIN_EXTERNAL_BYTES else None
+    return t.raw_data if len(t.raw_data) >= min_bytes else None
 
 
 class _WeightsWriter:
@@ -82,16 +82,19 @@ class _WeightsWriter:
         return [self.path.name]
 
 
-def save_with_weights(model: onnx.ModelProto, path: str | Path, shared: dict[str, Ref] | None = None) -> list[str]:
+def save_with_weights(model: onnx.ModelProto, path: str | Path, shared: dict[str, Ref] | None = None,
+                      external: frozenset[str] = frozenset()) -> list[str]:
     """Save ``model`` to ``path`` with its large inline initializers moved out: each whose sha256 is a
     key of ``shared`` points at that (location, offset, length), the others go to ``weights_name(path)``.
-    Initializers already external keep their location. ``model`` is changed in place (its inline data
-    is dropped). Returns every external file the saved graph names, in order of first use."""
+    Initializers named in ``external`` move out whatever their size (LoRA targets, which onnxruntime
+    replaces only when external). Initializers already external keep their location. ``model`` is
+    changed in place (its inline data is dropped). Returns every external file the saved graph names,
+    in order of first use."""
     path = Path(path)
     writer = _WeightsWriter(path.with_name(weights_name(path)))
     try:
         for t in model.graph.initializer:
-            data = _inline_bytes(t)
+            data = _inline_bytes(t, 1 if t.name in external else MIN_EXTERNAL_BYTES)
             if data is None:
                 continue
             ref = (shared or {}).get(hashlib.sha256(data).hexdigest()) or writer.add(data)

@@ -1,6 +1,6 @@
 """The ``ldm`` command: a lazy dispatcher, so ``ldm generate`` never imports torch.
 
-``ldm export`` / ``ldm build-engines`` live in ``export.cli``, ``ldm train`` in
+``ldm export`` / ``ldm build-engines`` / ``ldm quantize`` live in ``export.cli``, ``ldm train`` in
 ``training.cli``; ``ldm generate`` and ``ldm bench`` are torch-free and live here.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from importlib import import_module
 COMMANDS = {
     "export": ("export.cli", "export_main"),
     "build-engines": ("export.cli", "build_engines_main"),
+    "quantize": ("export.cli", "quantize_main"),
     "train": ("training.cli", "main"),
     "generate": ("ldm_runtime.generate", "main"),
     "bench": ("bench.runtime", "main"),

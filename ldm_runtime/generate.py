@@ -1,10 +1,11 @@
 """``ldm generate BUNDLE "PROMPT" ...``: text to PNG files that carry their generation parameters.
 
 Every PNG holds a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps,
-scheduler, guidance, size, batch position, bundle hash), enough to reproduce it exactly on the
-same backend. Without ``--seed`` a seed is picked and recorded. Exit 0 and the paths on stdout;
-bad input (an argument, the bundle, ``--out``) gives one line on stderr and exit 2; a failed run
-(NaN output) or an unexpected internal error one line and exit 1 (``--debug``: the traceback too).
+scheduler, guidance, size, batch position, bundle hash; the SDXL arguments where given), enough
+to reproduce it exactly on the same backend. Without ``--seed`` a seed is picked and recorded.
+Exit 0 and the paths on stdout; bad input (an argument, the bundle, ``--out``) gives one line on
+stderr and exit 2; a failed run (NaN output) or an unexpected internal error one line and exit 1
+(``--debug``: the traceback too).
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder (with manifest.json)")
     p.add_argument("prompt")
     p.add_argument("--negative-prompt", default=None)
+    sdxl = p.add_argument_group("SDXL bundles", "StableDiffusionXLPipeline's arguments (default: diffusers')")
+    sdxl.add_argument("--prompt-2", default=None, help="the second text encoder's prompt (default: PROMPT)")
+    sdxl.add_argument("--negative-prompt-2", default=None, help="its negative prompt (default: --negative-prompt)")
+    for name, what in SDXL_PAIRS.items():
+        sdxl.add_argument(f"--{name.replace('_', '-')}", type=int_pair, default=None, metavar=what)
+    for name in AESTHETIC_SCORES:
+        sdxl.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                          help="refiner bundles (default: 6.0 / 2.5)")
     p.add_argument("--steps", type=int, default=30, help="number of inference steps (default 30)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="<= 1 disables classifier-free guidance")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
@@ -37,12 +46,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="pixels (default: the bundle's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the bundle's)")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA safetensors file fused into the weights at load, at SCALE (default 1.0); repeatable")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "openvino"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", default=".",
                    help="a .png file name, or a folder (a name ending in / always is; default: the current folder)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
+
+
+SDXL_PAIRS = {"original_size": "H,W", "crops_coords_top_left": "Y,X", "target_size": "H,W",
+              "negative_original_size": "H,W", "negative_crops_coords_top_left": "Y,X", "negative_target_size": "H,W"}
+AESTHETIC_SCORES = ("aesthetic_score", "negative_aesthetic_score")
+SDXL_ARGS = ("prompt_2", "negative_prompt_2", *SDXL_PAIRS, *AESTHETIC_SCORES)
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    """``"H,W"`` -> (H, W): two integers separated by a comma."""
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected two integers as A,B, got {text!r}")
+
+
+def sdxl_arguments(a: argparse.Namespace) -> dict[str, Any]:
+    """The SDXL arguments given on the command line (``SDXL_ARGS``), by their pipeline names."""
+    return {name: getattr(a, name) for name in SDXL_ARGS if getattr(a, name) is not None}
+
+
+def lora_arg(value: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (file, scale): the text after the last colon is the scale when it is a number."""
+    file, sep, tail = value.rpartition(":")
+    if sep and file:
+        try:
+            return file, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
 
 
 class ProgressBar:
@@ -131,31 +175,40 @@ def generate(a: argparse.Namespace) -> list[Path]:
     from .pipeline import Pipeline
 
     target, is_folder = output_target(a.out)
-    pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device)
+    pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device, loras=a.lora)
     out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
                guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
                height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
-               callback=ProgressBar(a.steps), eta=a.eta)
+               callback=ProgressBar(a.steps), eta=a.eta, **sdxl_arguments(a))
     params = png_parameters(pipe, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=out.seed, steps=a.steps,
                             scheduler=out.scheduler, eta=a.eta, guidance_scale=a.guidance_scale,
                             guidance_rescale=a.guidance_rescale, height=out.height, width=out.width,
-                            num_images=a.num_images)
+                            num_images=a.num_images, sdxl=sdxl_arguments(a))
     names = output_paths(target, is_folder, out.seed, len(out.images))
     return [save_png(image, path, {**params, "index": i}) for i, (image, path) in enumerate(zip(out.images, names))]
 
 
 def png_parameters(pipe: Any, *, prompt: str, negative_prompt: str | None, seed: int, steps: int, scheduler: str,
                    eta: float, guidance_scale: float, guidance_rescale: float, height: int, width: int,
-                   num_images: int) -> dict[str, Any]:
+                   num_images: int, sdxl: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``parameters`` chunk of a generated PNG (without ``index``, its batch position): what the call
-    used, defaults and a picked seed included, and the bundle, backend and device it ran on."""
+    used, defaults and a picked seed included, and the bundle, backend and device it ran on; ``sdxl``:
+    the SDXL arguments that were given (``SDXL_ARGS``; sizes as [a, b]), the others being diffusers' defaults."""
     return {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "scheduler": scheduler, "eta": eta, "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale, "height": height, "width": width, "num_images": num_images,
         "bundle": pipe.manifest.sha256, "precision": pipe.manifest.precision, "backend": pipe.backend,
         "device": pipe.device, "ldm_runtime": __version__,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in (sdxl or {}).items()},
+        **({"loras": lora_parameters(pipe.loras)} if getattr(pipe, "loras", None) is not None else {}),
     }
+
+
+def lora_parameters(loras: Any) -> list[dict[str, Any]]:
+    """The LoRAs fused into a pipeline (``lora_apply.BundleLoras``), as PNG parameters and ``ldm bench``
+    record them: file name, sha256 and scale, in the order applied."""
+    return [{"file": Path(a.path).name, "sha256": a.sha256, "scale": a.scale} for a in loras.applied]
 
 
 if __name__ == "__main__":

@@ -38,6 +38,38 @@ Schema (version 1)::
       "engines": {"<key>": {"component": "unet", "file": "...", "onnx_sha256": "...", ...}}
     }
 
+SDXL bundles (every field below optional; absent ``conditioning``: SD, one ``text_encoder`` whose
+``last_hidden_state`` is the U-Net's context) add::
+
+      "components": {"text_encoder_2": {...}, ...},   # text_encoder: outputs hidden_states (B, L, D1);
+                                                      # text_encoder_2: hidden_states (B, L, D2), text_embeds (B, P);
+                                                      # unet: inputs text_embeds (B, P), time_ids (B, 6 | 5)
+      "tokenizer_2": {...as "tokenizer"...},           # text_encoder_2's (SDXL's pads with "!")
+      "conditioning": {
+        "text_encoders": [{"component": "text_encoder", "tokenizer": "tokenizer", "hidden": "hidden_states"},
+                          {"component": "text_encoder_2", "tokenizer": "tokenizer_2", "hidden": "hidden_states",
+                           "pooled": "text_embeds"}],   # hidden outputs concatenated in this order: the U-Net's
+                                                        # encoder_hidden_states; the pooled one: its text_embeds
+        "force_zeros_for_empty_prompt": true,   # negative_prompt=None: all-zero negative embeddings
+        "requires_aesthetics_score": false,     # time_ids of 5 (original size, crop, aesthetic score), not 6
+        "pipeline": "StableDiffusionXLPipeline" # or "StableDiffusionXLImg2ImgPipeline" (a refiner: img2img only)
+      }
+
+A refiner lists only ``text_encoder_2`` and may have no ``text_encoder`` or ``tokenizer``;
+``text.hidden_size`` is the U-Net's context width (the hidden widths summed). A component exported in
+fp32 inside an fp16 bundle (the VAE of a source with ``force_upcast``) says so in its entry:
+``"precision": "fp32", "precision_reason": "force_upcast"``.
+
+An int8 bundle (``ldm quantize``, ``export/quantize.py``) keeps the float ``precision`` of its source;
+each quantized component says ``"precision": "int8"`` (float32 inputs and outputs, a QDQ graph, no
+``cpu_variant``) with its ``quantization`` figures, and a top-level ``quantization`` records the fp32
+source, the calibration runs and the quality gate it passed::
+
+      "quantization": {"source": {"name": "...", "sha256": "..."}, "components": ["unet"], "policy": {...},
+                       "calibration": {"prompts": [...], "seeds": [0], "steps": 20, "samples": {"unet": 80}},
+                       "quality_gate": {"name": "image_psnr_db", "min_psnr_db": 30.0, "psnr_db": 41.2,
+                                        "passed": true, ...}}
+
 Symbolic dimensions are strings; fixed ones are ints. Older bundles may carry a component
 ``profile`` (shape ranges that nothing read; engine builds compute their own): it is ignored.
 """
@@ -60,7 +92,7 @@ from typing import Any
 SCHEMA = "ldm-runtime-bundle"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 
 
 class BundleError(ValueError):
@@ -291,6 +323,11 @@ class Manifest:
     def precision(self) -> str:
         return self.data.get("precision", "fp32")
 
+    @property
+    def int8_components(self) -> tuple[str, ...]:
+        """The components ``ldm quantize`` made int8 (``"precision": "int8"``; onnxruntime's CPU only)."""
+        return tuple(c for c, e in self.data["components"].items() if e.get("precision") == "int8")
+
     def has(self, component: str) -> bool:
         return component in self.data["components"]
 
@@ -342,6 +379,12 @@ class Manifest:
         return dict(self.data["tokenizer"])
 
     @property
+    def conditioning(self) -> dict | None:
+        """The SDXL ``conditioning`` entry (text encoders, pooled output, flags); None for an SD bundle."""
+        cond = self.data.get("conditioning")
+        return None if cond is None else dict(cond)
+
+    @property
     def sha256(self) -> str:
         """A short identity for the bundle: sha256 of the manifest's file table."""
         blob = json.dumps(self.data["files"], sort_keys=True).encode()
@@ -388,6 +431,7 @@ AGREEING_DIMS = (
     ("latent.channels", "vae_encoder", "outputs", "mean", 1),
     ("latent.channels", "vae_encoder", "outputs", "logvar", 1),
     ("text.max_length", "text_encoder", "inputs", "input_ids", 1),
+    ("text.max_length", "text_encoder_2", "inputs", "input_ids", 1),
     ("text.max_length", "unet", "inputs", "encoder_hidden_states", 1),
     ("text.hidden_size", "text_encoder", "outputs", "last_hidden_state", 2),
     ("text.hidden_size", "unet", "inputs", "encoder_hidden_states", 2),
@@ -438,6 +482,7 @@ def check_manifest(data: dict, where: str | os.PathLike = MANIFEST_NAME) -> None
     _check_schema(data, where)
     _check_latent(data, where)
     _check_agreeing_dims(data, where)
+    _check_conditioning(data, where)
     _check_batch_mult(data, where)
     _check_scheduler(data["scheduler"], where)
 
@@ -540,6 +585,60 @@ def _check_agreeing_dims(data: dict, where: Any) -> None:
                 raise _field_error(where, f"components.{component}.{kind}[{i}].shape[{axis}]",
                                    f"{tensor!r} has {spec['shape'][axis]} there, but {field_path} is {want}; "
                                    "they must agree")
+
+
+def _check_conditioning(data: dict, where: Any) -> None:
+    """SDXL: each listed text encoder's tokenizer and outputs exist, the hidden widths sum to ``text.hidden_size``,
+    the pooled width is the U-Net's ``text_embeds`` width and ``time_ids`` has 5 values iff
+    ``requires_aesthetics_score``. Without ``conditioning``, a U-Net must not take SDXL's inputs."""
+    comps, cond = data["components"], data.get("conditioning")
+    unet = {s["name"]: s for s in comps.get("unet", {}).get("inputs", [])}
+    if cond is None:
+        if "text_embeds" in unet or "time_ids" in unet:
+            raise _field_error(where, "conditioning", "the U-Net takes text_embeds and time_ids (SDXL), so the "
+                               "manifest needs a conditioning entry saying which text encoders feed them; it has none")
+        return
+    widths, pooled = [], []
+    for i, entry in enumerate(cond["text_encoders"]):
+        at = f"conditioning.text_encoders[{i}]"
+        if entry["tokenizer"] not in data:
+            raise _field_error(where, f"{at}.tokenizer", f"names {entry['tokenizer']!r}, which the manifest does not have")
+        if entry["component"] not in comps:
+            continue  # a bundle of some components only
+        outputs = {s["name"]: s for s in comps[entry["component"]]["outputs"]}
+        for key in ("hidden", "pooled"):
+            if key in entry and entry[key] not in outputs:
+                raise _field_error(where, f"{at}.{key}", f"{entry['component']} has no output {entry[key]!r} "
+                                   f"(its outputs are {sorted(outputs)})")
+        widths.append(outputs[entry["hidden"]]["shape"][-1])
+        pooled += [(at, outputs[entry["pooled"]]["shape"][-1])] if "pooled" in entry else []
+    if len(widths) == len(cond["text_encoders"]) and all(isinstance(w, int) for w in widths) \
+            and sum(widths) != data["text"]["hidden_size"]:
+        raise _field_error(where, "text.hidden_size", f"expected the text encoders' hidden widths summed "
+                           f"({' + '.join(map(str, widths))} = {sum(widths)}), got {data['text']['hidden_size']}")
+    if sum("pooled" in e for e in cond["text_encoders"]) != 1:
+        raise _field_error(where, "conditioning.text_encoders", "expected exactly one entry with 'pooled' "
+                           "(the U-Net's text_embeds)")
+    _check_unet_added(unet, pooled, cond["requires_aesthetics_score"], where)
+
+
+def _check_unet_added(unet: dict, pooled: list[tuple[str, Any]], aesthetics: bool, where: Any) -> None:
+    """The U-Net's ``text_embeds`` width is the pooled output's; its ``time_ids`` has 5 values with an aesthetic score, else 6."""
+    if not unet:
+        return
+    for name in ("text_embeds", "time_ids"):
+        if name not in unet:
+            raise _field_error(where, "components.unet.inputs", f"an SDXL U-Net (the manifest has conditioning) "
+                               f"takes {name!r}; this one's inputs are {sorted(unet)}")
+    width = unet["text_embeds"]["shape"][-1]
+    for at, w in pooled:
+        if w != width:
+            raise _field_error(where, f"{at}.pooled", f"the pooled output is {w} wide, but the U-Net's text_embeds "
+                               f"is {width}; they must agree")
+    k, want = unet["time_ids"]["shape"][-1], 5 if aesthetics else 6
+    if k != want:
+        raise _field_error(where, "components.unet.inputs", f"time_ids has {k} values per row, but "
+                           f"requires_aesthetics_score={str(aesthetics).lower()} needs {want}")
 
 
 def _check_batch_mult(data: dict, where: Any) -> None:

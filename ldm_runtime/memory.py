@@ -76,9 +76,10 @@ class ModelDims:
     latent_channels: int
     vae_scale_factor: int
     text_length: int
-    text_hidden: int
+    text_hidden: int  # the U-Net's context width: with two text encoders (SDXL), theirs summed
     fused: frozenset[str]  # components whose graph in use runs attention fused
     on_device: bool = False  # the engines' working memory is GPU memory, outside the host budget
+    added_cond: int = 0  # floats per row of the U-Net's other constant inputs (SDXL: text_embeds, time_ids)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, backend: str, device: str, cpu_variant: bool) -> "ModelDims":
@@ -91,7 +92,17 @@ class ModelDims:
         else:
             fused = frozenset()
         return cls(manifest.latent_channels, manifest.vae_scale_factor, manifest.text_max_length,
-                   manifest.text_hidden_size, fused, on_device=backend == "tensorrt" or device == "cuda")
+                   manifest.text_hidden_size, fused, on_device=backend == "tensorrt" or device == "cuda",
+                   added_cond=_added_cond(manifest))
+
+
+def _added_cond(manifest: Manifest) -> int:
+    """Floats per row of the U-Net's ``text_embeds`` and ``time_ids`` inputs (0 where it has none)."""
+    unet = manifest.data["components"].get("unet") or {}
+    widths = [s["shape"][1] for s in unet.get("inputs") or ()
+              if isinstance(s, dict) and s.get("name") in ("text_embeds", "time_ids")
+              and len(s.get("shape") or ()) == 2]
+    return sum(w for w in widths if isinstance(w, int))
 
 
 def _fused_attention(variant: object) -> int:
@@ -117,7 +128,8 @@ def call_buffers(dims: ModelDims, call: CallShape) -> dict[str, int]:
     pixels = call.height * call.width
     return {
         "latents": LATENT_COPIES * call.images * dims.latent_channels * latent_pixels * FLOAT,
-        "embeddings": EMBEDDING_COPIES * call.images * dims.text_length * dims.text_hidden * FLOAT,
+        "embeddings": EMBEDDING_COPIES * call.images * (dims.text_length * dims.text_hidden + dims.added_cond)
+        * FLOAT,
         "images": OUTPUT_BYTES_PER_PIXEL * call.images * pixels + INPUT_BYTES_PER_PIXEL * call.init_images * pixels,
     }
 

@@ -9,6 +9,8 @@ of the schedule (1 - alphas_cumprod near t=0) amplifies rounding differences.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -69,6 +71,37 @@ def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
     """alpha_bar_t = prod_{s<=t} (1 - beta_s): float64 running product, rounded to float32 (torch's CPU cumprod)."""
     alphas = (np.float32(1.0) - betas.astype(np.float32)).astype(np.float64)
     return np.cumprod(alphas).astype(np.float32)
+
+
+def training_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                            trained_betas: tuple[float, ...] | None = None,
+                            rescale_betas_zero_snr: bool = False) -> np.ndarray:
+    """alpha_bar_t of a training schedule (``make_betas``, optionally ``rescale_zero_terminal_snr``), float32 (T,).
+
+    A new array each call (a scheduler may change it), copied from one computed once per set of values:
+    every pipeline call builds its scheduler, and this is most of what building one costs.
+    """
+    if trained_betas is not None:  # a long tuple: not worth hashing
+        return _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                               rescale_betas_zero_snr)
+    return _cached_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                  bool(rescale_betas_zero_snr)).copy()
+
+
+def _alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                    trained_betas: tuple[float, ...] | None, rescale_betas_zero_snr: bool) -> np.ndarray:
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return alphas_cumprod_from_betas(betas)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                           rescale_betas_zero_snr: bool) -> np.ndarray:
+    out = _alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule, None, rescale_betas_zero_snr)
+    out.flags.writeable = False  # shared by every caller: only its copies leave this module
+    return out
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:

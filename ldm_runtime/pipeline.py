@@ -14,13 +14,14 @@ import numbers
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import guidance, memory
-from .backends import BACKENDS, Engine, engine_options, load_engine
+from .backends import BACKENDS, Engine, check_precision, engine_options, load_engine
 from .cancel import is_token, raise_if_cancelled
+from .conditioning import Conditioning
 from .images import postprocess, preprocess
 from .manifest import BundleError, Manifest
 from .rng import ImageGenerators, call_generator
@@ -59,6 +60,40 @@ class PipelineOutput:
     width: int | None = None
 
 
+@dataclass
+class PromptEmbeddings:
+    """What the text encoders give one call, one row per image: the U-Net's context ``embeds`` (N, L, D)
+    and, for a bundle with a pooled text embedding (SDXL), ``pooled`` (N, P); ``negative`` and
+    ``negative_pooled`` the same for the negative prompts (None without guidance)."""
+
+    embeds: np.ndarray
+    pooled: np.ndarray | None = None
+    negative: np.ndarray | None = None
+    negative_pooled: np.ndarray | None = None
+
+    def unet_rows(self, time_ids: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The U-Net inputs that no step changes, one row per U-Net row ([negative; positive] with guidance):
+        ``encoder_hidden_states``, and ``text_embeds`` / ``time_ids`` (from the (positive, negative) pair)
+        where the bundle has them."""
+        rows = {"encoder_hidden_states": guidance.cfg_embeddings(self.negative, self.embeds)}
+        if self.pooled is not None:
+            rows["text_embeds"] = guidance.cfg_embeddings(self.negative_pooled, self.pooled)
+        if time_ids is not None:
+            positive, negative = (np.tile(ids, (len(self.embeds), 1)) for ids in time_ids)
+            rows["time_ids"] = guidance.cfg_embeddings(None if self.negative is None else negative, positive)
+        return rows
+
+
+@dataclass(frozen=True)
+class CallConditioning:
+    """A call's text and micro-conditioning beyond the prompts (``BasePipeline.check_conditioning``)."""
+
+    prompts_2: list[str] | None = None
+    negatives_2: list[str] | None = None
+    zero_negative: bool = False
+    time_ids: tuple[np.ndarray, np.ndarray] | None = None
+
+
 def _scheduler_module():
     from . import schedulers  # late: a scheduler bug must not break `import ldm_runtime.pipeline`
 
@@ -71,9 +106,15 @@ class BasePipeline:
     required_components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
 
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu",
-                 options: Any = None, negative_cache_size: int = 32, memory_budget_bytes: int | None = None):
+                 options: Any = None, negative_cache_size: int = 32, memory_budget_bytes: int | None = None,
+                 loras: Any = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        check_precision(manifest, backend)
+        self.conditioning = conditioning = Conditioning.from_manifest(manifest)
+        check_pipeline_kind(type(self), manifest, conditioning)
+        # the text encoders are the bundle's (SDXL: two; its refiner: text_encoder_2 only)
+        self.required_components = pipeline_components(conditioning, type(self).required_components)
         missing = [c for c in self.required_components if not manifest.has(c)]
         if missing:
             raise BundleError(f"{manifest.root}: {type(self).__name__} needs components {list(self.required_components)}; "
@@ -82,9 +123,12 @@ class BasePipeline:
         self.backend, self.device = backend, device
         self.options = engine_options(backend, options)  # OrtOptions on onnxruntime; see backends.engine_options
         self.engines: dict[str, Engine] = {}  # opened lazily; tests and tools may swap in wrappers
+        self.loras = loras  # lora_apply.BundleLoras: the LoRAs fused into the engines' weights, or None
         self._engine_lock = threading.Lock()  # held while engines open (see open_engines)
         self._input_dtypes: dict[str, tuple[Engine, dict[str, np.dtype]]] = {}  # component -> (engine, input dtypes)
-        self.tokenizer = load_tokenizer(manifest)
+        # one tokenizer per text encoder, by manifest field; ``tokenizer`` is the first encoder's
+        self.tokenizers = {e.tokenizer: load_tokenizer(manifest, e.tokenizer) for e in conditioning.encoders}
+        self.tokenizer = self.tokenizers[conditioning.encoders[0].tokenizer]
         # the scheduler the bundle was exported with; callers may replace name or config, as
         # diffusers users assign pipe.scheduler
         self.scheduler_name: str = manifest.scheduler_name
@@ -103,26 +147,44 @@ class BasePipeline:
         self.max_engine_batch: int = memory.max_engine_batch(manifest, backend)
         self.model_dims = memory.ModelDims.from_manifest(manifest, backend, device,
                                                          bool(getattr(self.options, "cpu_variant", False)))
-        if self.tokenizer.model_max_length != manifest.text_max_length:
-            raise BundleError(f"{manifest.root}: tokenizer model_max_length {self.tokenizer.model_max_length} "
-                              f"differs from text.max_length {manifest.text_max_length}")
+        for field, tok in self.tokenizers.items():
+            if tok.model_max_length != manifest.text_max_length:
+                raise BundleError(f"{manifest.root}: {field} model_max_length {tok.model_max_length} "
+                                  f"differs from text.max_length {manifest.text_max_length}")
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-             options: Any = None, memory_budget_bytes: int | None = None, **option_overrides: Any):
+             options: Any = None, memory_budget_bytes: int | None = None,
+             loras: Sequence[tuple[str | os.PathLike, float]] | None = None, **option_overrides: Any):
         """Read ``bundle``'s manifest and verify (size, sha256) every file this pipeline can read.
 
-        Engines open on first use with ``options`` (onnxruntime: an ``OrtOptions``); keywords such
-        as ``threads=1`` or ``cpu_variant=False`` override single fields of it. An engine checks the
+        Engines open on first use with ``options`` (onnxruntime: an ``OrtOptions``; openvino: an
+        ``OpenVinoOptions``); keywords such as ``threads=1``, ``cpu_variant=False`` or (openvino)
+        ``precision="bf16"`` override single fields of it. An engine checks the
         bytes it opens again then, so a file changed after the load is refused, never run.
         ``memory_budget_bytes`` bounds what one call may need (see ``memory``; default: 75% of
         the memory available now), also settable later as ``pipe.memory_budget_bytes``.
+        ``loras``: (LoRA file, scale) pairs fused into the weights now (``lora_apply``; onnxruntime and
+        tensorrt); every bad file, key or scale is refused here, before any engine opens.
         """
         options = engine_options(backend, options, **option_overrides)
         manifest = Manifest.load(bundle, verify=False)
+        conditioning = Conditioning.from_manifest(manifest)
+        check_pipeline_kind(cls, manifest, conditioning)  # before hashing gigabytes
+        check_precision(manifest, backend)
         cpu_variant = backend == "onnxruntime" and options.cpu_variant
-        verify_files(manifest, files_in_use(manifest, cls.required_components, backend, device, cpu_variant))
-        return cls(manifest, backend=backend, device=device, options=options, memory_budget_bytes=memory_budget_bytes)
+        components = pipeline_components(conditioning, cls.required_components)
+        in_use = files_in_use(manifest, components, backend, device, cpu_variant)
+        verify_files(manifest, in_use)
+        fused = None
+        if loras:
+            from .lora_apply import load_loras, lora_graphs, lora_map_files
+
+            graphs = lora_graphs(manifest, components, backend, device, cpu_variant)
+            verify_files(manifest, [f for f in lora_map_files(manifest, graphs, backend) if f not in in_use])
+            fused = load_loras(manifest, loras, graphs)
+        return cls(manifest, backend=backend, device=device, options=options, memory_budget_bytes=memory_budget_bytes,
+                   loras=fused)
 
     # -- engines -------------------------------------------------------------------------------
     def engine(self, component: str) -> Engine:
@@ -154,7 +216,7 @@ class BasePipeline:
             self.engines.update(zip(todo, opened))
 
     def _load_engine(self, component: str) -> Engine:
-        return load_engine(self.manifest, component, self.backend, self.device, self.options)
+        return load_engine(self.manifest, component, self.backend, self.device, self.options, loras=self.loras)
 
     def cast_feeds(self, component: str, feeds: dict[str, Any]) -> dict[str, Any]:
         """Feeds as contiguous arrays of ``component``'s declared input dtypes: the one place they are cast
@@ -199,9 +261,9 @@ class BasePipeline:
     def engine_shapes(self, num_prompts: int, batch_size: int, height: int, width: int, guided: bool,
                       num_images: int = 1) -> dict[str, dict[str, tuple[int, ...]]]:
         """The input shapes each component of the bundle will be fed in one call, bound from its manifest
-        inputs (text encoder: the prompts, and negatives; U-Net: times its ``batch_mult`` when guided)."""
-        rows = {"text_encoder": num_prompts, "unet": batch_size * (self.manifest.component("unet").batch_mult
-                                                                    if guided else 1),
+        inputs (text encoders: the prompts, and negatives; U-Net: times its ``batch_mult`` when guided)."""
+        rows = {**{c: num_prompts for c in self.conditioning.components},
+                "unet": batch_size * (self.manifest.component("unet").batch_mult if guided else 1),
                 "vae_decoder": batch_size, "vae_encoder": num_images}
         size = size_dims(height, width, self.vae_scale_factor)
         shapes = {}
@@ -217,10 +279,10 @@ class BasePipeline:
         """Hook for backends with fixed shape ranges (TensorRT profiles): refuse sizes before anything runs.
 
         An engine that has ``check_shapes(shapes: dict[input name, tuple]) -> None`` is asked about the
-        shapes this call will feed it (it raises ValueError to refuse); onnxruntime takes any shape,
-        so its engines are not opened early.
+        shapes this call will feed it (it raises ValueError to refuse); onnxruntime and OpenVINO take
+        any shape, so their engines are not opened early.
         """
-        if self.backend == "onnxruntime":
+        if self.backend in ("onnxruntime", "openvino"):
             return
         for comp, feeds in shapes.items():
             check = getattr(self.engine(comp), "check_shapes", None)
@@ -235,27 +297,61 @@ class BasePipeline:
         return to_device(arr) if to_device is not None else arr
 
     # -- helpers (diffusers' names) ------------------------------------------------------------
-    def _text_embeddings(self, ids: np.ndarray, engine_batch: int | None = None) -> np.ndarray:
-        """(N, L) int64 -> (N, L, D) float32 through the text encoder, ``engine_batch`` rows per run (None: all)."""
-        return _cat([self.run_engine("text_encoder", {"input_ids": ids[rows]}, where="encode_prompt")["last_hidden_state"]
-                     for rows in _row_slices(len(ids), engine_batch)])
+    def _token_ids(self, texts: list[list[str]]) -> np.ndarray:
+        """Each text encoder's token ids of its texts (``texts[i]`` for encoder i), side by side: (N, k * L) int64."""
+        ids = [self.tokenizers[e.tokenizer](t) for e, t in zip(self.conditioning.encoders, texts)]
+        return ids[0] if len(ids) == 1 else np.concatenate(ids, axis=1)
+
+    def _packed_embeddings(self, ids: np.ndarray, engine_batch: int | None = None) -> np.ndarray:
+        """(N, k * L) ids from ``_token_ids`` -> (N, L * D [+ P]) float32 through the text encoders, ``engine_batch``
+        rows per run (None: all): their hidden states joined along the width (D in all), flat, then the pooled
+        embedding where the bundle has one (``_unpack`` splits them again; one row per prompt for the cache)."""
+        hidden, pooled = [], []
+        for entry, part in zip(self.conditioning.encoders, np.split(ids, len(self.conditioning.encoders), axis=1)):
+            outs = [self.run_engine(entry.component, {"input_ids": part[rows]}, where="encode_prompt")
+                    for rows in _row_slices(len(part), engine_batch)]
+            hidden.append(_cat([o[entry.hidden] for o in outs]))
+            if entry.pooled:
+                pooled.append(_cat([o[entry.pooled] for o in outs]))
+        h = hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1)
+        flat = h.reshape(len(h), -1)
+        return np.concatenate([flat, *pooled], axis=1) if pooled else flat
+
+    def _unpack(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``_packed_embeddings`` rows -> (hidden states (N, L, D), pooled (N, P) or None)."""
+        n, size = len(packed), self.manifest.text_max_length * self.manifest.text_hidden_size
+        hidden = packed[:, :size].reshape(n, self.manifest.text_max_length, self.manifest.text_hidden_size)
+        return hidden, (packed[:, size:] if self.conditioning.pooled else None)
 
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1,
-                      negative_prompts: list[str] | None = None,
-                      engine_batch: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompts -> (prompt_embeds, negative_prompt_embeds or None), each (B * n, L, D).
+                      negative_prompts: list[str] | None = None, engine_batch: int | None = None, *,
+                      prompts_2: list[str] | None = None, negative_prompts_2: list[str] | None = None,
+                      zero_negative: bool = False) -> "PromptEmbeddings":
+        """Prompts -> their ``PromptEmbeddings``, each (B * n, ...) (diffusers' ``encode_prompt``).
 
         ``negative_prompts``: one per prompt (``guidance.negative_prompts``), or None without
         guidance. Rows are repeated per image: prompt 0 n times, then prompt 1, ... (as diffusers).
-        Negative embeddings come through ``negative_cache``. The text encoder sees at most
-        ``engine_batch`` prompts per run (None: all at once).
+        A second text encoder (SDXL) reads ``prompts_2`` / ``negative_prompts_2`` (None: the same
+        texts as the first). ``zero_negative``: all-zero negative embeddings and pooled embedding
+        instead of encoding the negatives (SDXL's ``force_zeros_for_empty_prompt`` when no negative
+        prompt was given). Negative embeddings come through ``negative_cache``. The text encoders
+        see at most ``engine_batch`` prompts per run (None: all at once).
         """
-        embeds = np.repeat(self._text_embeddings(self.tokenizer(prompts), engine_batch), num_images_per_prompt, axis=0)
+        n = num_images_per_prompt
+        embeds, pooled = self._unpack(self._packed_embeddings(self._token_ids([prompts, prompts_2 or prompts]),
+                                                              engine_batch))
+        out = PromptEmbeddings(_repeat(embeds, n), _repeat(pooled, n))
         if negative_prompts is None:
-            return embeds, None
-        negative = self.negative_cache.encode(self.tokenizer(negative_prompts),
-                                              lambda ids: self._text_embeddings(ids, engine_batch))
-        return embeds, np.repeat(negative, num_images_per_prompt, axis=0)
+            return out
+        if zero_negative:
+            out.negative = np.zeros_like(out.embeds)
+            out.negative_pooled = None if out.pooled is None else np.zeros_like(out.pooled)
+            return out
+        ids = self._token_ids([negative_prompts, negative_prompts_2 or negative_prompts])
+        negative, negative_pooled = self._unpack(
+            self.negative_cache.encode(ids, lambda rows: self._packed_embeddings(rows, engine_batch)))
+        out.negative, out.negative_pooled = _repeat(negative, n), _repeat(negative_pooled, n)
+        return out
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -296,23 +392,26 @@ class BasePipeline:
             outs.append(self.run_engine("unet", feeds, where=f"step {step} (timestep {t})")["out_sample"])
         return _cat(outs)
 
-    def _constant_unet_feeds(self, embeds: np.ndarray, scales: np.ndarray | None) -> dict[str, Any]:
-        """The U-Net feeds of these rows that no step changes, on the engine: the text embeddings and, for
-        a U-Net that embeds the guidance scale, its ``timestep_cond`` from ``scales`` (one per row)."""
-        feeds = {"encoder_hidden_states": self.to_engine("unet", "encoder_hidden_states", embeds)}
+    def _constant_unet_feeds(self, rows: dict[str, np.ndarray], scales: np.ndarray | None) -> dict[str, Any]:
+        """The U-Net feeds of these rows that no step changes, on the engine: ``rows`` (the text embeddings;
+        SDXL: also ``text_embeds`` and ``time_ids``) and, for a U-Net that embeds the guidance scale, its
+        ``timestep_cond`` from ``scales`` (one per row)."""
+        feeds = {name: self.to_engine("unet", name, arr) for name, arr in rows.items()}
         if scales is not None:
             w = guidance.guidance_scale_embedding(scales, self.guidance_embedding_dim)
             feeds["timestep_cond"] = self.to_engine("unet", "timestep_cond", w)
         return feeds
 
-    def denoise(self, latents: np.ndarray, timesteps: np.ndarray, sched: Any, embeds: np.ndarray,
+    def denoise(self, latents: np.ndarray, timesteps: np.ndarray, sched: Any, cond: dict[str, np.ndarray],
                 cfg: guidance.Guidance, rng: np.random.Generator | ImageGenerators,
                 callback: Callback | None = None, engine_batch: int | None = None,
                 step_kwargs: dict[str, Any] | None = None, cancel: Any = None) -> np.ndarray:
         """The sampling loop: scale input, one (guided) U-Net pass, scheduler step; returns z_0.
 
-        A pass runs the U-Net on at most ``engine_batch`` images (2x rows with guidance) at a time
-        (None: all); the scheduler steps the whole batch, so its noise draws do not depend on the split.
+        ``cond``: the U-Net's inputs that stay the same over the loop, one row per U-Net row
+        (``PromptEmbeddings.unet_rows``). A pass runs the U-Net on at most ``engine_batch`` images (2x
+        rows with guidance) at a time (None: all); the scheduler steps the whole batch, so its noise
+        draws do not depend on the split.
         ``step_kwargs`` go to every scheduler step (``scheduler_step_kwargs``: tcd's eta). ``cancel``
         (see ``ldm_runtime.cancel``) is looked at before every step: once set, ``Cancelled`` is raised.
         """
@@ -320,12 +419,14 @@ class BasePipeline:
         total = int(sum(user_steps))
         rows = None if engine_batch is None else engine_batch * (2 if cfg.enabled else 1)
         # the embeddings are the same for every step: cast (and placed on the device) once per engine batch
-        scales = cfg.row_scales(len(embeds)) if cfg.embedded else None  # embedded: never guided, one row per image
-        conds = [(r, self._constant_unet_feeds(embeds[r], None if scales is None else scales[r]))
-                 for r in _row_slices(len(embeds), rows)]
+        n = len(cond["encoder_hidden_states"])
+        scales = cfg.row_scales(n) if cfg.embedded else None  # embedded: never guided, one row per image
+        conds = [(r, self._constant_unet_feeds({k: v[r] for k, v in cond.items()},
+                                               None if scales is None else scales[r]))
+                 for r in _row_slices(n, rows)]
         step = [0]  # the model function reads the step index for its error messages
         # cfg_denoiser hands its cond on to the model function; _unet takes the per-batch conds instead
-        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, conds, step[0]), embeds, cfg)
+        denoise = guidance.cfg_denoiser(lambda x, t, c: self._unet(x, t, conds, step[0]), cond, cfg)
         tick = 0
         for i, t in enumerate(timesteps):
             raise_if_cancelled(cancel, f"step {tick + 1} of {total}")
@@ -346,6 +447,35 @@ class BasePipeline:
         scale = (tuple(float(s) for s in guidance_scale for _ in range(num_images_per_prompt))
                  if isinstance(guidance_scale, (list, tuple)) else guidance_scale)
         return guidance.Guidance(scale, guidance_rescale, embedded=self.guidance_embedding_dim is not None)
+
+    def check_conditioning(self, num_prompts: int, *, negative_prompt: Any, prompt_2: Any, negative_prompt_2: Any,
+                           height: int, width: int, micro: dict[str, Any]) -> "CallConditioning":
+        """Check the second prompts and the micro-conditioning against the bundle (``PipelineInputError``)."""
+        second = [(name, v) for name, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
+                  if v is not None]
+        if second and len(self.conditioning.encoders) < 2:
+            raise PipelineInputError(f"{second[0][0]} is the text for a second text encoder, but this bundle has one "
+                                     f"({self.conditioning.encoders[0].component}); leave it out")
+        prompts_2, negatives_2 = (None if v is None else _per_prompt(v, num_prompts, name)
+                                  for name, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
+        try:
+            time_ids = self.conditioning.time_ids_pair(height, width, micro,
+                                                       img2img=isinstance(self, Img2ImgPipeline))
+        except BundleError:
+            raise
+        except ValueError as e:
+            raise PipelineInputError(str(e)) from None
+        zero = negative_prompt is None and self.conditioning.force_zeros_for_empty_prompt
+        return CallConditioning(prompts_2, negatives_2, zero, time_ids)
+
+    def prompt_conditioning(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int,
+                            cfg: guidance.Guidance, engine_batch: int,
+                            extra: "CallConditioning") -> dict[str, np.ndarray]:
+        """2. encode the prompts: the U-Net's constant inputs of the call (``PromptEmbeddings.unet_rows``)."""
+        text = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None, engine_batch,
+                                  prompts_2=extra.prompts_2, negative_prompts_2=extra.negatives_2,
+                                  zero_negative=extra.zero_negative)
+        return text.unet_rows(extra.time_ids)
 
     def _check_common(self, *, prompt: Any, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                       guidance_rescale: Any, num_images_per_prompt: Any, seed: Any, output_type: Any,
@@ -499,6 +629,16 @@ class Pipeline(BasePipeline):
         callback: Callback | None = None,
         eta: float = 0.0,
         cancel: Any = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> PipelineOutput:
         """Generate images from text; argument names and meanings follow diffusers' StableDiffusionPipeline.
 
@@ -520,6 +660,13 @@ class Pipeline(BasePipeline):
         one-image call with ``seed=seed[i]`` (its own random stream, see ``ldm_runtime.rng``);
         ``guidance_scale`` may be a list of one float per prompt, all above 1 or all at most 1
         (a U-Net that embeds the scale takes any mix). An int seed draws one stream for the batch.
+
+        SDXL bundles take diffusers' StableDiffusionXLPipeline arguments too: ``prompt_2`` /
+        ``negative_prompt_2`` for the second text encoder (None: ``prompt`` / ``negative_prompt``),
+        and the micro-conditioning ``original_size``, ``crops_coords_top_left``, ``target_size``
+        and their ``negative_*`` counterparts (see ``ldm_runtime.conditioning``). With
+        ``negative_prompt=None`` a bundle that says ``force_zeros_for_empty_prompt`` guides with
+        all-zero negative embeddings, as diffusers; ``negative_prompt=""`` encodes the empty prompt.
         """
         # 1. check inputs, build the scheduler (nothing runs before both pass)
         dh, dw = self.manifest.default_size
@@ -529,6 +676,14 @@ class Pipeline(BasePipeline):
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents, output_type=output_type,
             callback=callback, cancel=cancel)
+        extra = self.check_conditioning(
+            len(prompts), negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            height=height, width=width,
+            micro=dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                       target_size=target_size, negative_original_size=negative_original_size,
+                       negative_crops_coords_top_left=negative_crops_coords_top_left,
+                       negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                       negative_aesthetic_score=negative_aesthetic_score))
         sched = self.prepare_scheduler(scheduler, num_inference_steps)
         step_kwargs = self.scheduler_step_kwargs(sched, eta)
         cfg = self.call_guidance(guidance_scale, guidance_rescale, num_images_per_prompt)
@@ -538,12 +693,11 @@ class Pipeline(BasePipeline):
         self.check_engine_shapes({k: v for k, v in shapes.items() if k != "vae_encoder"})
         seeds, rng = call_generator(seed, batch)
         raise_if_cancelled(cancel, "the text encoder")
-        self.open_engines(("text_encoder", "unet", "vae_decoder"))  # together, on the first call
+        # together, on the first call
+        self.open_engines(tuple(c for c in self.required_components if c != "vae_encoder"))
 
-        # 2. encode prompt: (B*n, L, D), and the [negative; prompt] batch when guided
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None,
-                                              engine_batch)
-        cond = guidance.cfg_embeddings(negative, embeds)
+        # 2. encode prompt: (B*n, L, D), and the [negative; prompt] batch when guided (SDXL: with pooled, time ids)
+        cond = self.prompt_conditioning(prompts, negatives, num_images_per_prompt, cfg, engine_batch, extra)
 
         # 3. timesteps (of the scheduler built in step 1)
         timesteps = sched.timesteps
@@ -615,7 +769,7 @@ class Img2ImgPipeline(BasePipeline):
         self,
         prompt: str | list[str],
         image: Any,
-        strength: float = 0.8,
+        strength: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float | list[float] = 7.5,
@@ -627,22 +781,45 @@ class Img2ImgPipeline(BasePipeline):
         callback: Callback | None = None,
         eta: float = 0.0,
         cancel: Any = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> PipelineOutput:
         """Transform ``image`` (PIL, list of PIL, uint8 or float [0, 1] array, (H, W, 3) or (B, H, W, 3)) along ``prompt``.
 
-        ``strength`` in (0, 1] is the fraction of the schedule that is re-run: the image is noised
+        ``strength`` in (0, 1] (default: diffusers' for the bundle's pipeline, 0.3 for SDXL, else 0.8)
+        is the fraction of the schedule that is re-run: the image is noised
         to the first kept timestep, and int(num_inference_steps * strength) steps denoise it, as
         in diffusers' StableDiffusionImg2ImgPipeline (lcm: strength cuts its distillation grid and
         all the steps run, as in LatentConsistencyModelImg2ImgPipeline). The output size is the
         image's size. ``eta``, ``cancel``, a list of seeds (each image's posterior draw and noise
-        from its own stream) and a list of guidance scales as in ``Pipeline.__call__``.
+        from its own stream) and a list of guidance scales as in ``Pipeline.__call__``, and so are the
+        SDXL arguments, with ``aesthetic_score`` (6.0) / ``negative_aesthetic_score`` (2.5) in place of
+        the target sizes for a bundle that requires them (the SDXL refiner).
         """
         # 1. check inputs, build the scheduler
+        if strength is None:  # StableDiffusionXLImg2ImgPipeline's default, else StableDiffusionImg2ImgPipeline's
+            strength = 0.3 if self.conditioning.pooled is not None else 0.8
         prompts, negatives, pixels = self.check_inputs(
             prompt=prompt, image=image, strength=strength, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, callback=callback,
             cancel=cancel)
+        extra = self.check_conditioning(
+            len(prompts), negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            height=pixels.shape[2], width=pixels.shape[3],
+            micro=dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                       target_size=target_size, negative_original_size=negative_original_size,
+                       negative_crops_coords_top_left=negative_crops_coords_top_left,
+                       negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                       negative_aesthetic_score=negative_aesthetic_score))
         sched = self.prepare_scheduler(scheduler, num_inference_steps, strength)
         step_kwargs = self.scheduler_step_kwargs(sched, eta)
         cfg = self.call_guidance(guidance_scale, guidance_rescale, num_images_per_prompt)
@@ -656,9 +833,7 @@ class Img2ImgPipeline(BasePipeline):
         self.open_engines()  # together, on the first call
 
         # 2. encode prompt
-        embeds, negative = self.encode_prompt(prompts, num_images_per_prompt, negatives if cfg.enabled else None,
-                                              engine_batch)
-        cond = guidance.cfg_embeddings(negative, embeds)
+        cond = self.prompt_conditioning(prompts, negatives, num_images_per_prompt, cfg, engine_batch, extra)
 
         # 3. timesteps: the part of the schedule that strength keeps (set in step 1)
         timesteps = sched.run_timesteps
@@ -677,14 +852,34 @@ class Img2ImgPipeline(BasePipeline):
         return self._output(z, output_type, seeds, sched, height, width, engine_batch)
 
 
-def load_tokenizer(manifest: Manifest) -> CLIPTokenizer:
-    """The bundle's tokenizer from its verified files; a file that does not parse is a ``BundleError``."""
+def load_tokenizer(manifest: Manifest, field: str = "tokenizer") -> CLIPTokenizer:
+    """The bundle's tokenizer in manifest field ``field`` (SDXL's second: ``tokenizer_2``) from its verified
+    files; an absent field or a file that does not parse is a ``BundleError``."""
+    entry = manifest.data.get(field)
+    if not isinstance(entry, dict):
+        raise BundleError(f"{manifest.root}: manifest field {field}: missing (a text encoder reads it)")
     try:
-        return CLIPTokenizer.from_manifest_entry(manifest.root, manifest.tokenizer, manifest.read_verified)
+        return CLIPTokenizer.from_manifest_entry(manifest.root, entry, manifest.read_verified)
     except BundleError:
         raise
     except ValueError as e:
-        raise BundleError(f"{manifest.root}: manifest field tokenizer: {e}") from None
+        raise BundleError(f"{manifest.root}: manifest field {field}: {e}") from None
+
+
+def pipeline_components(conditioning: Conditioning, components: tuple[str, ...]) -> tuple[str, ...]:
+    """A pipeline class's ``components`` with its ``text_encoder`` replaced by the bundle's text encoders."""
+    out: list[str] = []
+    for c in components:
+        out += conditioning.components if c == "text_encoder" else (c,)
+    return tuple(out)
+
+
+def check_pipeline_kind(cls: type, manifest: Manifest, conditioning: Conditioning) -> None:
+    """Refuse text to image on a bundle made for image to image only (an SDXL refiner)."""
+    if conditioning.img2img_only and not issubclass(cls, Img2ImgPipeline):
+        raise PipelineInputError(f"{manifest.root}: this bundle is an image-to-image model (conditioning.pipeline "
+                                 f"{conditioning.pipeline}, such as an SDXL refiner) and cannot make images from "
+                                 "text; use Img2ImgPipeline with an image")
 
 
 def guidance_embedding_dim(manifest: Manifest) -> int | None:
@@ -707,7 +902,9 @@ def files_in_use(manifest: Manifest, components: tuple[str, ...], backend: str, 
     Every name is checked to lie inside the bundle (``Manifest.path``, naming its manifest field);
     the names come from the fields that point at them, so ``files`` must list each (see ``verify_files``).
     """
-    named = [(tok, f"tokenizer.{key}") for key in ("vocab", "merges") if (tok := manifest.tokenizer.get(key)) is not None]
+    fields = dict.fromkeys(e.tokenizer for e in Conditioning.from_manifest(manifest).encoders)
+    named = [(rel, f"{field}.{key}") for field in fields for key in ("vocab", "merges")
+             if isinstance(manifest.data.get(field), dict) and (rel := manifest.data[field].get(key)) is not None]
     for comp in (c for c in components if c in manifest.data["components"]):
         named += component_files(manifest, comp, backend, device, cpu_variant)
     for rel, field in named:
@@ -719,9 +916,12 @@ def component_files(manifest: Manifest, component: str, backend: str, device: st
                     cpu_variant: bool = True) -> list[tuple[Any, str]]:
     """(file, manifest field) of what ``backend`` reads to open ``component`` on ``device``: on onnxruntime
     a graph and its external data (``graph_files``; on the CPU the ``cpu_variant`` where the bundle has
-    one and ``cpu_variant`` is true), on TensorRT its plans (``plan_files``)."""
+    one and ``cpu_variant`` is true), on OpenVINO the portable graph and its external data, on TensorRT
+    its plans (``plan_files``)."""
     if backend == "onnxruntime":
         return graph_files(manifest, component, device == "cpu" and cpu_variant)
+    if backend == "openvino":
+        return graph_files(manifest, component, cpu_variant=False)
     if backend == "tensorrt":
         return plan_files(manifest, component)
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -765,17 +965,29 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _prompt_list(prompt: Any) -> list[str]:
+def _prompt_list(prompt: Any, what: str = "prompt") -> list[str]:
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, (list, tuple)):
-        raise PipelineInputError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        raise PipelineInputError(f"{what} must be a str or a list of str, got {type(prompt).__name__}")
     if not prompt:
-        raise PipelineInputError("prompt is an empty list; pass at least one prompt")
+        raise PipelineInputError(f"{what} is an empty list; pass at least one prompt")
     if not all(isinstance(p, str) for p in prompt):
-        raise PipelineInputError(f"prompt must be a str or a list of str, got items of type "
+        raise PipelineInputError(f"{what} must be a str or a list of str, got items of type "
                                  f"{sorted({type(p).__name__ for p in prompt})}")
     return list(prompt)
+
+
+def _per_prompt(texts: Any, num_prompts: int, what: str) -> list[str]:
+    """A text argument for every prompt: a str (the same for all) or a list of one str per prompt."""
+    listed = _prompt_list(texts, what)
+    if isinstance(texts, str):
+        listed *= num_prompts
+    elif len(listed) != num_prompts:
+        raise PipelineInputError(f"{what} has {len(listed)} entries but there are {num_prompts} prompts; "
+                                 "pass one per prompt, or a single str for all")
+    _check_encodable(listed, what)
+    return listed
 
 
 def _check_encodable(texts: list[str], what: str) -> None:
@@ -794,6 +1006,11 @@ def _row_slices(n: int, size: int | None) -> list[slice]:
     """Consecutive slices of at most ``size`` rows covering ``n`` rows (None: one slice of all)."""
     step = max(1, n if size is None else size)
     return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def _repeat(rows: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Each row ``n`` times in a row (prompt 0 n times, then prompt 1, ...); None stays None."""
+    return None if rows is None else np.repeat(rows, n, axis=0)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -30,15 +30,13 @@ from .noise_schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     alpha_sigma_from_sigma,
-    alphas_cumprod_from_betas,
     consistency_timesteps,
     karras_sigmas,
     log_snr,
-    make_betas,
-    rescale_zero_terminal_snr,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
+    training_alphas_cumprod,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,10 +154,8 @@ class Scheduler:
                              f"num_train_timesteps={c.num_train_timesteps}")
         if c.trained_betas is None and c.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"scheduler config beta_schedule={c.beta_schedule!r}: expected one of {BETA_SCHEDULES}")
-        betas = make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas)
-        if c.rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)  # (T,) float32
+        self.alphas_cumprod = training_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
+                                                      c.trained_betas, c.rescale_betas_zero_snr)  # (T,) float32
         self.num_inference_steps: int | None = None
         self.timesteps = np.zeros(0, dtype=np.float32)
         self._begin_index: int | None = None

@@ -75,6 +75,18 @@ def _guidance_embedding(rng: np.random.Generator, shape: tuple[int, ...], ranges
     return guidance_scale_embedding(rng.uniform(1.0, 15.0, size=shape[0]), shape[1])
 
 
+def _time_ids(rng: np.random.Generator, shape: tuple[int, ...], ranges: Mapping[str, int]) -> np.ndarray:
+    """SDXL micro-conditioning rows: original size (64..1024 px), crop top-left (0..64), then target size
+    (6 values, a base model) or an aesthetic score in [2.5, 6] (5 values, a refiner)."""
+    b, k = shape
+    if k not in (5, 6):
+        raise ShapeError(f"time_ids rows have 6 values (SDXL base) or 5 (refiner), got {k}")
+    original = rng.integers(8, 129, size=(b, 2)) * 8
+    crop = rng.integers(0, 65, size=(b, 2))
+    last = rng.integers(8, 129, size=(b, 2)) * 8 if k == 6 else rng.uniform(2.5, 6.0, size=(b, 1))
+    return np.concatenate([original, crop, last], axis=1).astype(np.float32)
+
+
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], ranges: Mapping[str, int]) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
@@ -85,6 +97,7 @@ CONVENTIONS: dict[str, Draw] = {
     "timestep": _timesteps,
     "image": _image,
     "timestep_cond": _guidance_embedding,
+    "time_ids": _time_ids,
 }
 
 
@@ -106,8 +119,9 @@ def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]
 
 
 def feed_ranges(manifest: Manifest) -> dict[str, int]:
-    """``random_feeds``' ranges for a bundle: its tokenizer's vocabulary size and its training timesteps."""
-    vocab = manifest.tokenizer.get("vocab")
+    """``random_feeds``' ranges for a bundle: its tokenizer's vocabulary size (an SDXL refiner's ``tokenizer_2``)
+    and its training timesteps."""
+    vocab = (manifest.data.get("tokenizer") or manifest.data.get("tokenizer_2") or {}).get("vocab")
     try:
         size = len(json.loads(manifest.read_verified(str(vocab), "tokenizer.vocab").decode("utf-8")))
     except (ValueError, TypeError) as e:

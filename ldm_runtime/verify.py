@@ -2,8 +2,8 @@
 
 What it checks, with no ``--backend``: the manifest (everything ``Manifest.load`` validates); every
 file in ``files`` (inside the bundle, size, sha256); that every file a field names (graphs of every
-component and variant, their external data, the tokenizer, TensorRT plans) is listed there; that
-the tokenizer parses; and that each ONNX graph (portable and CPU variant) opens on onnxruntime's CPU
+component and variant, their external data, the tokenizers, TensorRT plans) is listed there; that
+the tokenizers parse; and that each ONNX graph (portable and CPU variant) opens on onnxruntime's CPU
 with the inputs and outputs the manifest declares (names, dtypes, ranks: the checks an engine makes
 when it opens). TensorRT plans are checked as files only (they need their GPU to open).
 
@@ -23,7 +23,7 @@ from .cliargs import ArgumentParser, UsageError, one_line
 from .manifest import COMPONENTS, BundleError, Manifest
 from .pipeline import files_in_use, graph_files, load_tokenizer
 
-DEFAULT_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda"}
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda", "openvino": "cpu"}
 
 
 def verify_bundle(bundle: str, backend: str | None = None, device: str | None = None) -> list[str]:
@@ -73,10 +73,11 @@ def _file_problems(m: Manifest) -> list[str]:
 
 def _referenced(m: Manifest) -> list[tuple[Any, str]]:
     """(file, manifest field) of every file a field of the manifest names."""
-    tok = m.data.get("tokenizer") or {}
-    refs = [(tok.get(k), f"tokenizer.{k}") for k in ("vocab", "merges")]
+    refs = [(m.data[field].get(k), f"{field}.{k}") for field in _tokenizer_fields(m) for k in ("vocab", "merges")]
     for comp in m.data["components"]:
         refs += graph_files(m, comp, cpu_variant=False) + graph_files(m, comp, cpu_variant=True)
+        if "lora_map" in m.data["components"][comp]:
+            refs.append((m.data["components"][comp]["lora_map"], f"components.{comp}.lora_map"))
     for key, rec in (m.data.get("engines") or {}).items():
         refs.append((rec.get("file") if isinstance(rec, dict) else None, f"engines.{key}.file"))
     return list(dict.fromkeys(refs))
@@ -90,8 +91,13 @@ def _reference_problems(m: Manifest) -> list[str]:
     return _checks(lambda rel=rel, field=field: check(rel, field) for rel, field in _referenced(m))
 
 
+def _tokenizer_fields(m: Manifest) -> list[str]:
+    """The tokenizers the manifest names: ``tokenizer`` and SDXL's ``tokenizer_2`` (a refiner has only that one)."""
+    return [field for field in ("tokenizer", "tokenizer_2") if isinstance(m.data.get(field), dict)]
+
+
 def _tokenizer_problems(m: Manifest) -> list[str]:
-    return _checks([lambda: load_tokenizer(m)])
+    return _checks(lambda field=field: load_tokenizer(m, field) for field in _tokenizer_fields(m))
 
 
 Graph = tuple[str, Any, dict, str]  # (component, file, its manifest entry, the entry's field)

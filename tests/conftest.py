@@ -149,6 +149,35 @@ def build_tiny_sdxl(path: Path, refiner: bool = False, seed: int = 0, force_zero
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL base pipeline folder (``build_tiny_sdxl``); read-only for tests."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL refiner folder (``build_tiny_sdxl(refiner=True)``: text_encoder_2 only, 5 time ids); read-only."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-refiner") / "tiny-sdxl-refiner", refiner=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_bundle(tiny_sdxl_dir, tmp_path_factory) -> Path:
+    """``tiny_sdxl_dir`` exported once (fp32, every component, CPU variants); read-only for tests."""
+    from export.bundle import export_bundle
+
+    return export_bundle(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-fp32") / "bundle", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_bundle(tiny_sdxl_refiner_dir, tmp_path_factory) -> Path:
+    """``tiny_sdxl_refiner_dir`` exported once (fp32, CPU variants); read-only for tests."""
+    from export.bundle import export_bundle
+
+    return export_bundle(tiny_sdxl_refiner_dir, tmp_path_factory.mktemp("sdxl-refiner-fp32") / "bundle",
+                         precision="fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_diffusers_dir(request, tmp_path_factory) -> Path:
     """A tiny diffusers pipeline folder; ``request.param`` (if parametrised) is the prediction type."""
     prediction_type = getattr(request, "param", "epsilon")

@@ -192,25 +192,3 @@ def test_refusals_name_the_feature(folders, tmp_path, kind, edits, message):
         load_models(src)
     print(e.value)
     assert "\n" not in str(e.value)
-
-
-def test_ldm_export_refuses_sdxl_before_loading(folders, imported, tmp_path, monkeypatch, capsys):
-    from export.bundle import ExportError, export_bundle
-    from export.cli import export_main
-
-    ld = imported["base"]
-    ours = save_checkpoint(ld, tmp_path / "ours")
-
-    def no_loading(src):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("training.checkpoint.load_models", no_loading)
-    for src in (folders["base"], folders["refiner"], ours):
-        assert export_main([str(src), str(tmp_path / "bundle"), "-q"]) == 2
-        err = capsys.readouterr().err.strip()
-        print(err)
-        assert err == ("ldm export: error: SDXL export (U-Net text_embeds/time_ids inputs, two text encoders) "
-                       "is not implemented yet")
-    with pytest.raises(ExportError, match="SDXL export .* is not implemented yet"):
-        export_bundle(ours, tmp_path / "bundle", models=ld)
-    assert not (tmp_path / "bundle").exists()

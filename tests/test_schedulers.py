@@ -432,6 +432,24 @@ def test_alphas_cumprod_match_diffusers(config_id):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_cached_alphas_cumprod_equal_a_fresh_computation(schedule, zero_snr):
+    from ldm_runtime.noise_schedule import (alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr,
+                                            training_alphas_cumprod)
+
+    betas = make_betas(1000, 0.00085, 0.012, schedule)
+    fresh = alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas) if zero_snr else betas)
+    first = training_alphas_cumprod(1000, 0.00085, 0.012, schedule, None, zero_snr)
+    first[-1] = 0.5  # a scheduler may change its copy (the zero-SNR sigma schedulers do)
+    again = training_alphas_cumprod(1000, 0.00085, 0.012, schedule, None, zero_snr)
+    np.testing.assert_array_equal(again, fresh)
+    assert again.dtype == np.float32 and again.flags.writeable and again is not first
+    trained = tuple(float(b) for b in betas)
+    np.testing.assert_array_equal(training_alphas_cumprod(1000, 0.0, 0.0, "linear", trained, False),
+                                  alphas_cumprod_from_betas(betas))
+
+
 # -- add_noise, img2img ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SCHEDULERS)

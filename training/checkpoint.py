@@ -459,6 +459,12 @@ def _load_sdxl_diffusers(root: Path, index: dict) -> LatentDiffusion:
     )
 
 
+def check_text_conditioning(ld: LatentDiffusion, where: str | os.PathLike) -> None:
+    """The import's check of the U-Net's text inputs against the text encoders, for models built in memory."""
+    configs = {"unet": ld.unet_config, **{n: te.config for n, te in ld.text_encoders().items()}}
+    _check_text_conditioning(configs, ld.sdxl, Path(where))
+
+
 def _check_text_conditioning(configs: dict[str, Any], sdxl: SDXLOptions | None, where: Path) -> None:
     """The U-Net's text inputs fit the text encoders: the context width and, for SDXL, the pooled width."""
     u = configs["unet"]

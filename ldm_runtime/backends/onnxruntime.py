@@ -85,24 +85,28 @@ class OnnxRuntimeEngine:
 
     def __init__(self, path: str | os.PathLike | bytes, inputs: tuple[TensorSpec, ...],
                  outputs: tuple[TensorSpec, ...], name: str | None = None, device: str = "cpu",
-                 options: OrtOptions = OrtOptions(), external_data: Mapping[str, bytes] | None = None):
-        """``path``: the model file, or its bytes (then ``external_data``: its data files' bytes by location)."""
+                 options: OrtOptions = OrtOptions(), external_data: Mapping[str, bytes] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
+        """``path``: the model file, or its bytes (then ``external_data``: its data files' bytes by location).
+        ``initializers``: arrays that replace the graph's external initializers of those names (LoRA-fused weights)."""
         self.name = name or ("model" if isinstance(path, bytes) else Path(path).stem)
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.device = device
         self.device_id = options.device_id
+        self._initializers = initializers  # onnxruntime reads these buffers without owning them
         self.session = open_session(path, session_options(options, self.name), device, options.device_id,
-                                    external_data)
+                                    external_data, initializers)
         check_graph(self.name, self.session, self.inputs, self.outputs)
         self._output_names = [o.name for o in self.outputs]
         self._checked: tuple | None = None  # signature of the last feeds that passed check_feeds
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, component: str, device: str = "cpu",
-                      options: OrtOptions = OrtOptions()) -> "OnnxRuntimeEngine":
+                      options: OrtOptions = OrtOptions(), loras: Any = None) -> "OnnxRuntimeEngine":
         """Open ``component``; on the CPU its ``cpu_variant`` graph when the bundle has one and
-        ``options.cpu_variant`` is true.
+        ``options.cpu_variant`` is true. ``loras`` (a ``lora_apply.BundleLoras``): run with its fused
+        weights for that graph, handed to onnxruntime with ``add_external_initializers``.
 
         The session opens from verified bytes: the graph and each external data file are read once,
         checked against the manifest's ``files`` and handed to onnxruntime from memory, so a file
@@ -115,8 +119,9 @@ class OnnxRuntimeEngine:
         entry, where = (variant, f"components.{component}.cpu_variant") if use else (info.extra, f"components.{component}")
         model = manifest.read_verified(variant["file"] if use else info.file, field=f"{where}.file")
         data = read_external_data(manifest, model, entry.get("external_data") or [], where)
+        fused = loras.for_graph(component, variant["file"] if use else info.file) if loras is not None else None
         return cls(model, info.inputs, info.outputs, name=component, device=device, options=options,
-                   external_data=data)
+                   external_data=data, initializers=fused)
 
     def to_device(self, arr: np.ndarray):
         """Copy ``arr`` to this engine's device once; the result can be fed to ``run`` repeatedly."""
@@ -172,10 +177,12 @@ def read_external_data(manifest: Manifest, model: bytes, declared: list[str], wh
 
 
 def open_session(path: str | os.PathLike | bytes, so: Any, device: str, device_id: int = 0,
-                 external_data: Mapping[str, bytes] | None = None):
+                 external_data: Mapping[str, bytes] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
     """An ``InferenceSession`` on ``device``; on "cuda" one that really runs on the CUDA provider, or an error.
 
     ``external_data``: for a model given as bytes, its external data files' bytes by location.
+    ``initializers``: arrays replacing the external initializers of those names (the caller keeps them alive).
     """
     import onnxruntime as ort
 
@@ -183,6 +190,9 @@ def open_session(path: str | os.PathLike | bytes, so: Any, device: str, device_i
         names = list(external_data)
         so.add_external_initializers_from_files_in_memory(
             names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
+    if initializers:
+        names = list(initializers)
+        so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names])
     model = path if isinstance(path, bytes) else str(path)
     if device == "cpu":
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])

@@ -302,7 +302,10 @@ class TensorRTEngine:
     """
 
     def __init__(self, plan: bytes, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 memory_pool: DeviceMemoryPool | None = None, use_cuda_graph: bool = False):
+                 memory_pool: DeviceMemoryPool | None = None, use_cuda_graph: bool = False,
+                 refit: tuple[bytes, str, Mapping[str, np.ndarray]] | None = None):
+        """``refit``: (ONNX graph bytes, its path, fused weights by initializer name): refit the plan
+        (built with ``ldm build-engines --refittable``) with the graph's weights, those replaced."""
         require_tensorrt()
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
@@ -327,6 +330,8 @@ class TensorRTEngine:
             raise BundleError(f"{name}: TensorRT {trt.__version__} could not deserialize the plan ({len(plan)} bytes)"
                               + (f": {' | '.join(errors)}" if errors else ""))
         self._engine = engine
+        if refit is not None:
+            refit_engine(engine, name, *refit)
         self._check_io(engine)
         self._profile = {s.name: _profile_range(engine, s.name) for s in self.inputs}
         size = getattr(engine, "device_memory_size_v2", None)
@@ -339,8 +344,9 @@ class TensorRTEngine:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, component: str, use_cuda_graph: bool = False,
-                      memory_pool: DeviceMemoryPool | None = None) -> TensorRTEngine:
-        """Load the plan the bundle holds for ``component`` on this GPU and TensorRT version."""
+                      memory_pool: DeviceMemoryPool | None = None, loras: Any = None) -> TensorRTEngine:
+        """Load the plan the bundle holds for ``component`` on this GPU and TensorRT version; with
+        ``loras`` (a ``lora_apply.BundleLoras`` changing this component) refit it with their fused weights."""
         require_tensorrt()
         info = manifest.component(component)
         gpu = gpu_info()
@@ -354,7 +360,11 @@ class TensorRTEngine:
         if rec.get("sha256") != manifest.file_record(rec["file"])["sha256"]:
             raise BundleError(f"{manifest.root}: manifest field engines.{key}.sha256 disagrees with the plan's "
                               f"files entry {rec['file']!r}")
-        return cls(plan, component, info.inputs, info.outputs, memory_pool=memory_pool, use_cuda_graph=use_cuda_graph)
+        fused = loras.for_graph(component, info.file) if loras is not None else {}
+        refit = (manifest.read_verified(info.file, field=f"components.{component}.file"),
+                 str(manifest.path(info.file, field=f"components.{component}.file")), fused) if fused else None
+        return cls(plan, component, info.inputs, info.outputs, memory_pool=memory_pool, use_cuda_graph=use_cuda_graph,
+                   refit=refit)
 
     # -- setup helpers -------------------------------------------------------------------------------
     def _check_io(self, engine: trt.ICudaEngine) -> None:
@@ -519,6 +529,31 @@ class TensorRTEngine:
                 self.close()
         except Exception:  # interpreter shutdown: modules may be gone already
             pass
+
+
+def refit_engine(engine: trt.ICudaEngine, name: str, graph: bytes, graph_path: str,
+                 weights: Mapping[str, np.ndarray]) -> None:
+    """Refit ``engine`` from its ONNX graph (``graph`` bytes; external data beside ``graph_path``) with the
+    initializers named in ``weights`` replaced: every weight of the plan is set, so none is missing."""
+    import tensorrt as trt
+
+    if not engine.refittable:
+        raise BundleError(f"{name}: the TensorRT plan was not built refittable; rebuild it with "
+                          "'ldm build-engines --refittable' to apply LoRAs")
+    take_trt_errors()
+    refitter = trt.Refitter(engine, trt_logger())
+    parser = trt.OnnxParserRefitter(refitter, trt_logger())
+    if not parser.load_model_proto(graph, graph_path):
+        raise BundleError(f"{name}: TensorRT could not read the ONNX graph to refit from: {' | '.join(take_trt_errors())}")
+    arrays = {n: np.ascontiguousarray(a) for n, a in weights.items()}  # alive until the refit is done
+    for n, a in arrays.items():
+        if not parser.load_initializer(n, a.ctypes.data, a.nbytes):
+            raise BundleError(f"{name}: TensorRT refused the fused weight {n!r} ({a.dtype} {list(a.shape)}): "
+                              f"{' | '.join(take_trt_errors())}")
+    if not parser.refit_model_proto() or not refitter.refit_cuda_engine():
+        missing = list(refitter.get_missing_weights())
+        raise BundleError(f"{name}: TensorRT could not refit the plan" + (f" (missing {missing[:5]})" if missing else "")
+                          + f": {' | '.join(take_trt_errors())}")
 
 
 def set_device_memory(context: trt.IExecutionContext, ptr: int, size: int) -> None:
