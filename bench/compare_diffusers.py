@@ -1,4 +1,5 @@
-"""The peer, side by side: our runtime against diffusers' StableDiffusionPipeline on the same weights.
+"""The peer, side by side: our runtime against diffusers' pipeline (StableDiffusionPipeline, or
+StableDiffusionXLPipeline for an SDXL folder: the class its ``model_index.json`` names) on the same weights.
 
 Both run in this process on the CPU, fp32, alternating (ours first on even repeats, diffusers
 first on odd ones) after a warm-up of each: same prompt, same initial latents (``latents=``),
@@ -9,9 +10,12 @@ overhead, and, each in fresh subprocesses, import + load time and peak RSS of a 
 loads and generates one image.
 
     python bench/compare_diffusers.py engines/bench-mid --steps 20 --repeats 3 --threads 2
+    python bench/compare_diffusers.py engines/bench-sdxl-mid --steps 10 --repeats 3 --threads 2
     python bench/compare_diffusers.py --bundle B --diffusers D ...
 
 ``MODEL`` is a folder with ``bundle/`` and ``diffusers/`` in it (what bench/make_models.py writes).
+Also reported: the bundle's bytes on disk against 4 bytes per parameter of the diffusers folder's
+weights (what an fp32 bundle that stores every weight once comes to).
 """
 from __future__ import annotations
 
@@ -40,12 +44,11 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 import diffusers
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 t1 = time.perf_counter()
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-pipe = StableDiffusionPipeline.from_pretrained(args["diffusers"], torch_dtype=torch.float32, safety_checker=None,
-                                               requires_safety_checker=False)
+pipe = DiffusionPipeline.from_pretrained(args["diffusers"], torch_dtype=torch.float32, **args["load_kwargs"])
 pipe.set_progress_bar_config(disable=True)
 t2 = time.perf_counter()
 out = {"import_s": t1 - t0, "load_s": t2 - t1, "import_plus_load_s": t2 - t0,
@@ -60,10 +63,30 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def load_kwargs(folder: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` keywords for the pipeline class the folder names: SD's safety checker off."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return ({"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {})
+
+
 def diffusers_startup(folder: str, threads: int, repeats: int, steps: int, guidance_scale: float) -> dict[str, Any]:
     args = {"diffusers": str(folder), "threads": threads, "steps": steps, "prompt": PROMPT,
-            "guidance_scale": guidance_scale}
+            "guidance_scale": guidance_scale, "load_kwargs": load_kwargs(folder)}
     return startup_runs(_DIFFUSERS_CHILD, args, repeats)
+
+
+def weight_bytes(bundle: str | Path, diffusers_dir: str | Path) -> dict[str, Any]:
+    """Bundle bytes on disk (every file) against 4 bytes per parameter in the diffusers folder's safetensors."""
+    from safetensors import safe_open
+
+    params = 0
+    for f in Path(diffusers_dir).glob("*/*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            for k in st.keys():
+                params += int(np.prod(st.get_slice(k).get_shape()))
+    on_disk = sum(f.stat().st_size for f in Path(bundle).rglob("*") if f.is_file())
+    return {"bundle_bytes": on_disk, "params": params, "fp32_weight_bytes": 4 * params,
+            "bundle_over_fp32_weights": on_disk / (4 * params)}
 
 
 def compare(bundle: str, diffusers_dir: str, steps: int = 20, repeats: int = 3, warmup: int = 1, threads: int = 2,
@@ -71,7 +94,7 @@ def compare(bundle: str, diffusers_dir: str, steps: int = 20, repeats: int = 3, 
             engine_options: dict | None = None) -> dict[str, Any]:
     """Time ours and diffusers' alternately on the same inputs; see the module docstring."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from ldm_runtime.pipeline import Pipeline
 
@@ -80,8 +103,7 @@ def compare(bundle: str, diffusers_dir: str, steps: int = 20, repeats: int = 3, 
     opts = {"threads": threads, **(engine_options or {})}
     ours = Pipeline.load(bundle, **opts)
     clock = instrument(ours)
-    theirs = StableDiffusionPipeline.from_pretrained(diffusers_dir, torch_dtype=torch.float32, safety_checker=None,
-                                                     requires_safety_checker=False)
+    theirs = DiffusionPipeline.from_pretrained(diffusers_dir, torch_dtype=torch.float32, **load_kwargs(diffusers_dir))
     theirs.set_progress_bar_config(disable=True)
     h, w = ours.manifest.default_size
     latents = np.random.default_rng(seed).standard_normal(ours.latent_shape(1, h, w), dtype=np.float32)
@@ -120,14 +142,15 @@ def compare(bundle: str, diffusers_dir: str, steps: int = 20, repeats: int = 3, 
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     overhead = [a - b for a, b in zip(t_ours, t_inside)]
     result: dict[str, Any] = {
-        "bundle": str(bundle), "diffusers": str(diffusers_dir), "steps": steps, "size": f"{h}x{w}",
+        "bundle": str(bundle), "diffusers": str(diffusers_dir), "pipeline": type(theirs).__name__, "steps": steps,
+        "size": f"{h}x{w}",
         "guidance_scale": guidance_scale, "threads": threads, "schedulers": list(sched), "repeats": repeats,
         "ours_s": mo, "diffusers_s": mt, "speedup": mt / mo,
         "ours_overhead_pct": 100.0 * statistics.median([o / t for o, t in zip(overhead, t_ours)]),
         "image_max_abs_diff": float(np.abs(np.asarray(img_ours) - np.asarray(img_theirs)).max()),
         "ours_runs_s": t_ours, "diffusers_runs_s": t_theirs,
         "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
-        "machine": machine,
+        "machine": machine, "weights": weight_bytes(bundle, diffusers_dir),
     }
     del theirs, ours
     if startup:
@@ -154,11 +177,15 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"| diffusers | {d['import_s']:.3f} s | {d['load_s']:.3f} s | {d['import_plus_load_s']:.3f} s | "
                   f"{d['peak_rss_mb']:.0f} MiB |",
                   f"| ours / diffusers | | | **{st['import_plus_load_ratio']:.2f}** | **{st['peak_rss_ratio']:.2f}** |"]
+    wb = r.get("weights")
+    if wb:
+        lines += ["", f"Bundle on disk {wb['bundle_bytes'] / 2**20:.1f} MiB for {wb['params'] / 1e6:.2f}M parameters "
+                  f"({wb['fp32_weight_bytes'] / 2**20:.1f} MiB in fp32): **{wb['bundle_over_fp32_weights']:.3f}x**."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Our runtime vs diffusers' StableDiffusionPipeline on the same weights.")
+    p = argparse.ArgumentParser(description="Our runtime vs diffusers' pipeline (SD or SDXL) on the same weights.")
     p.add_argument("model", nargs="?", help="folder holding bundle/ and diffusers/ (bench/make_models.py)")
     p.add_argument("--bundle", default=None)
     p.add_argument("--diffusers", default=None)

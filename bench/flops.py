@@ -444,9 +444,18 @@ def diffusers_unet_step_seconds(folder: str, height: int, width: int, batch: int
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, height // vae_scale_factor, width // vae_scale_factor, generator=g)
     t, e = torch.full((batch,), 500.0), torch.randn(batch, 77, d, generator=g)
+    extra: dict[str, Any] = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and time ids
+        te2 = Path(folder) / "text_encoder_2" / "config.json"
+        pooled = json.loads(te2.read_text())["projection_dim"] if te2.is_file() else None
+        if pooled is None:
+            raise ValueError(f"{folder}: an SDXL U-Net without text_encoder_2/config.json; expected its projection_dim")
+        n_ids = (unet.config.projection_class_embeddings_input_dim - pooled) // unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g),
+                                      "time_ids": torch.randn(batch, n_ids, generator=g)}
     with torch.inference_mode():
-        unet(x, t, e)
-        times = [_timed(lambda: unet(x, t, e)) for _ in range(repeats)]
+        unet(x, t, e, **extra)
+        times = [_timed(lambda: unet(x, t, e, **extra)) for _ in range(repeats)]
     return float(np.median(times))
 
 

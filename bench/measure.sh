@@ -7,7 +7,7 @@
 # load and busy share at the start of each step go into its log. Results land in $OUT/<step>.*
 #
 #   bash bench/measure.sh                 # all steps
-#   bash bench/measure.sh e2e compare     # some: models options variant load e2e e2e-default before pipeline loop spinstop guidance compare limit
+#   bash bench/measure.sh e2e compare     # some: models options variant load e2e e2e-default before pipeline loop spinstop guidance compare limit sdxl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -116,4 +116,14 @@ if want limit; then  # FLOPs per U-Net step, peak fp32 matmul, fraction
     --diffusers engines/bench-mid/diffusers --json $OUT/limit-mid.json
   step limit-default $PY bench/flops.py $DEF --threads 2 --repeats 20 --matmul-n 2048 \
     --diffusers engines/bench-default/diffusers --json $OUT/limit-default.json
+fi
+if want sdxl; then  # section 10: the SDXL-shaped mid model against diffusers' StableDiffusionXLPipeline
+  SDXL=engines/bench-sdxl-mid
+  [ -f $SDXL/bundle/manifest.json ] || step sdxl-models $PY bench/make_models.py sdxl-mid
+  step compare-sdxl-mid $PY bench/compare_diffusers.py $SDXL --steps 10 --repeats 3 --threads 2 \
+    --json $OUT/compare-sdxl-mid.json
+  step compare-sdxl-mid-20 $PY bench/compare_diffusers.py $SDXL --steps 20 --repeats 2 --threads 2 --no-startup \
+    --json $OUT/compare-sdxl-mid-20.json
+  step limit-sdxl-mid $PY bench/flops.py $SDXL/bundle --threads 2 --repeats 3 --diffusers $SDXL/diffusers \
+    --json $OUT/limit-sdxl-mid.json
 fi

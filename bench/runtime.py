@@ -34,7 +34,7 @@ import numpy as np
 
 from bench.proc import PEAK_RSS_SNIPPET, machine_info, startup_runs
 from bench.report import plot, to_markdown
-from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_sizes
+from ldm_runtime.cliargs import ArgumentParser, UsageError, parse_engine_options, parse_sizes
 from ldm_runtime.generate import lora_arg, lora_parameters
 from ldm_runtime.manifest import BundleError
 from ldm_runtime.shapes import bind_shapes, feed_ranges, random_feeds, size_dims
@@ -254,19 +254,6 @@ def _ints(s: str) -> tuple[int, ...]:
     if not v or min(v) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
     return v
-
-
-def parse_engine_options(items: list[str]) -> dict[str, Any]:
-    """["cpu_variant=false", "threads=2", ...] -> {"cpu_variant": False, "threads": 2, ...}."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--engine-option expects KEY=VALUE, got {item!r}")
-        low = value.lower()
-        out[key] = (True if low in ("true", "yes") else False if low in ("false", "no")
-                    else int(value) if value.isdigit() else value)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

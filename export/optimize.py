@@ -287,13 +287,13 @@ def write_cpu_variant(src: str | os.PathLike, dst: str | os.PathLike, input_shap
 
 
 def sample_shapes(manifest: dict, component: str, height: int | None = None,
-                  width: int | None = None) -> dict[str, tuple[int, ...]]:
+                  width: int | None = None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes of ``component`` at the bundle's default size (or ``height`` x ``width``):
-    its manifest inputs bound at the rows of one image (``batch_mult``: 2 for a guided U-Net)."""
+    its manifest inputs bound at the rows of one image (``batch_mult``: 2 for a guided U-Net), or ``batch`` rows."""
     info = ComponentInfo.from_dict(component, manifest["components"][component])
     size = size_dims(height or manifest["default_size"]["height"], width or manifest["default_size"]["width"],
                      manifest["latent"]["vae_scale_factor"])
-    return bind_shapes(info.inputs, B=info.batch_mult, **size)
+    return bind_shapes(info.inputs, B=batch or info.batch_mult, **size)
 
 
 def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[str, ...] = CPU_COMPONENTS) -> dict[str, Any]:
@@ -322,7 +322,14 @@ def add_cpu_variants(root: str | os.PathLike, manifest: dict, components: tuple[
         if c in ("unet", "vae_decoder"):  # odd latent sizes too: the reshapes around attention must follow
             h, w = (manifest["default_size"][k] + f for k in ("height", "width"))
             checks.append(sample_shapes(manifest, c, h, w))
-        info = write_cpu_variant(src, dst, shapes, check_shapes=checks, ranges=ranges)
+        # the fusion reads head counts from static shapes, and onnx shape inference leaves about half of a
+        # U-Net's tensors symbolic at one row (an LCM U-Net runs one row per image): match at two rows at
+        # least; the variant stays dynamic in the batch and is checked at the rows it will run
+        rows = shapes[next(iter(shapes))][0]
+        fuse_shapes = sample_shapes(manifest, c, batch=2) if c == "unet" and rows < 2 else shapes
+        if fuse_shapes is not shapes:
+            checks.append(fuse_shapes)
+        info = write_cpu_variant(src, dst, fuse_shapes, check_shapes=checks, ranges=ranges)
         if info.get("file"):
             entry["cpu_variant"] = info
             for rel in [info["file"], *info["external_data"]]:

@@ -1,10 +1,11 @@
-"""What the ``ldm`` subcommands share on the command line: one-line errors and image sizes.
+"""What the ``ldm`` subcommands share on the command line: one-line errors, image sizes, engine options.
 
 ``export`` and ``training`` import this module too; it imports nothing outside the standard library.
 """
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 class UsageError(Exception):
@@ -36,3 +37,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """Comma-separated sizes, each as ``parse_size`` reads it: ``"192,256x384"`` -> ((192, 192), (256, 384))."""
     return tuple(parse_size(part) for part in text.split(",") if part.strip())
+
+
+def parse_engine_options(items: list[str]) -> dict[str, Any]:
+    """["cpu_variant=false", "threads=2", ...] -> {"cpu_variant": False, "threads": 2, ...}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--engine-option expects KEY=VALUE, got {item!r}")
+        low = value.lower()
+        out[key] = (True if low in ("true", "yes") else False if low in ("false", "no")
+                    else int(value) if value.isdigit() else value)
+    return out

@@ -308,3 +308,27 @@ def test_device_sh_cpu_fallback(tmp_path):
     assert steps == ["== probe", "== CUDA round-trip", "== TensorRT GPU test and a second build on its timing cache",
                      "== onnxruntime CUDA vs CPU", "== device_bench"]
     assert sum(ln.startswith("skipped: no CUDA GPU here (or --cpu-smoke)") for ln in lines) == 3
+
+
+# -- bench/compare_diffusers.py (the peer side by side) -------------------------------------------
+
+@pytest.mark.slow
+def test_compare_diffusers_on_sdxl_is_the_same_picture(tiny_sdxl_dir, tiny_sdxl_bundle):
+    """The SDXL folder is run through StableDiffusionXLPipeline (the class model_index.json names) on the
+    same latents: the two images agree to the parity gate (2e-3), and the bundle's bytes are counted
+    against the folder's parameters (the .weights files hold each fp32 weight once, page-aligned: within 1%;
+    at this tiny size the tokenizers' vocabularies dominate the rest)."""
+    from bench.compare_diffusers import compare
+
+    r = compare(str(tiny_sdxl_bundle), str(tiny_sdxl_dir), steps=2, repeats=1, warmup=0, threads=1, startup=False)
+    assert r["pipeline"] == "StableDiffusionXLPipeline"
+    assert r["image_max_abs_diff"] <= 2e-3
+    w = r["weights"]
+    from safetensors.numpy import load_file
+
+    n = sum(int(np.prod(t.shape)) for m in ("unet", "vae", "text_encoder", "text_encoder_2")
+            for t in load_file(str(next((tiny_sdxl_dir / m).glob("*.safetensors")))).values())
+    assert w["params"] == n
+    assert w["bundle_bytes"] == sum(f.stat().st_size for f in tiny_sdxl_bundle.rglob("*") if f.is_file())
+    weights = sum(f.stat().st_size for f in tiny_sdxl_bundle.glob("*.weights"))
+    assert 1.0 <= weights / w["fp32_weight_bytes"] <= 1.01  # each weight once, page-aligned

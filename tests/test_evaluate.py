@@ -174,6 +174,39 @@ def test_vae_reconstruction_ceiling():
     assert blurry["shape"] < 0.8 and blurry["colour"] >= 0.9 and blurry["position"] == 1.0
 
 
+def test_vae_study_rows_agree_with_the_ceiling_and_add_up(tmp_path):
+    """`training.vae_study.study` on a (random) autoencoder folder: its reconstruction scores are
+    `vae_reconstruction_scores`' on the same images, the per-kind and per-size shape accuracies average
+    back to the overall shape score (weighted by object counts), and the PSNR is `ldm train vae`'s metric."""
+    torch = pytest.importorskip("torch")
+    from training.checkpoint import save_vae
+    from training.data.shapes import KINDS
+    from training.evaluate import vae_reconstruction_scores
+    from training.models.vae import AutoencoderKL, VAEConfig
+    from training.train_vae import ImageSource, evaluate
+    from training.vae_study import study, table
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=4, sample_size=64)).eval()
+    folder = save_vae(vae, tmp_path / "vae")
+    n = 16
+    row = study(folder, n=n)
+    ceiling = vae_reconstruction_scores(vae, 64, n=n)
+    assert row["recon"] == {k: round(ceiling[k], 3) for k in row["recon"]}
+    ds = ShapesDataset("val", size=64, length=n, seed=0)
+    objects = [o for i in range(n) for o in ds.attrs(i)[0].objects]
+    assert row["n_objects"] == len(objects) and row["latent_shape"] == [4, 16, 16]
+    for key, groups in (("shape_by_kind", KINDS), ("shape_by_size", ("small", "large"))):
+        attr = "kind" if key == "shape_by_kind" else "size"
+        counts = {g: sum(getattr(o, attr) == g for o in objects) for g in groups}
+        total = sum(row[key][g] * c for g, c in counts.items() if c)
+        assert abs(total / len(objects) - ceiling["shape"]) <= 2e-3 * len(groups)  # each rounded to 3 places
+    assert abs(row["psnr"] - evaluate(vae, ImageSource("shapes", 64, n, 0, "val"), n)["psnr"]) <= 0.005
+    assert row["params"] == sum(p.numel() for p in vae.parameters())
+    assert str(folder) in table([row])
+
+
 def test_denoise_scores_with_an_oracle_unet():
     """`denoise_scores` noises real images' latents and denoises them with their captions. With an identity
     autoencoder and a U-Net that knows the clean latents (it returns the exact noise), DDIM gives the images
@@ -249,3 +282,30 @@ def test_evaluate_main_writes_what_evaluate_checkpoint_returns(tiny_checkpoint_d
     assert (tmp_path / "eval_heldout_g3.png").is_file()
     assert main([str(tmp_path)]) == 2
     assert "neither an ldm checkpoint folder" in capsys.readouterr().err
+
+
+def test_evaluate_bundle_generates_the_torch_models_images(tiny_checkpoint_dir, tiny_fp32_bundle, capsys):
+    """A bundle is evaluated as it deploys (ldm_runtime, same seeds): the fp32 bundle's images are the torch
+    models' to the parity gate (max abs <= 2e-3 on [0, 1] images), so their scores agree; the command line
+    takes the bundle folder, and engine options only with a bundle."""
+    pytest.importorskip("torch")
+    import json
+
+    from training.checkpoint import load_models
+    from training.evaluate import bundle_generator, evaluate_bundle, main
+    from training.sample import sample
+
+    ld = load_models(tiny_checkpoint_dir)
+    generate, size = bundle_generator(tiny_fp32_bundle, threads=1)
+    prompts = ["a red circle", "a blue square on the left"]
+    ours = generate(prompts, 3, 3.0, 7)
+    ref = sample(ld, prompts, num_inference_steps=3, guidance_scale=3.0, seed=7)
+    assert size == ld.default_size[0] and ours.shape == ref.shape
+    assert float(np.abs(ours - ref).max()) <= 2e-3
+    r = evaluate_bundle(tiny_fp32_bundle, n=4, guidance_scales=(3.0,), steps=2, batch=2, threads=1)
+    assert main([str(tiny_fp32_bundle), "--n", "4", "--steps", "2", "--guidance", "3", "--batch", "2",
+                 "--engine-option", "threads=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["val"] == json.loads(json.dumps(r["val"]))
+    with pytest.raises(SystemExit):
+        main([str(tiny_checkpoint_dir), "--engine-option", "threads=1"])
+    assert "are for bundles" in capsys.readouterr().err

@@ -151,6 +151,9 @@ def test_export_describes_timestep_cond_and_matches_diffusers(lcm_dir, lcm_bundl
     print(f"export gate (onnxruntime vs torch): {gate['gate']['metric']} {gate[gate['gate']['metric']]:.2e}, "
           f"cases {gate['cases']}")
     assert gate["passed"] and any("timestep_cond" in c for c in gate["cases"])
+    # one row per image, and still a CPU variant with every attention fused (fusion matches at two rows)
+    variant = man.component("unet").extra["cpu_variant"]
+    assert variant["fused_attention"] > 0 and variant["parity"]["value"] <= variant["parity"]["threshold"]
     # the ONNX U-Net against diffusers' own, at an odd size, two different guidance scales
     ref = UNet2DConditionModel.from_pretrained(lcm_dir / "unet").eval()
     rng = np.random.default_rng(5)

@@ -1,9 +1,12 @@
 """Model evaluation on the built-in shapes data: generate from captions, score against their ground truth.
 
     python -m training.evaluate CHECKPOINT --n 64 --steps 20 --out runs/default/eval --strengths 0.2,0.4
+    python -m training.evaluate BUNDLE --n 64 --guidance 3           # an exported bundle, through ldm_runtime
+    python -m training.evaluate BUNDLE --backend openvino --engine-option precision=bf16
 
-Images come from `training.sample` (the checkpoint's own scheduler) and are scored by
-`training.scorer.evaluate_images`. "val" prompts use (colour, kind) combinations seen in training
+Images come from `training.sample` (the checkpoint's own scheduler), or for a bundle folder (one with a
+manifest.json: fp32, fp16 or int8, any backend) from `ldm_runtime.Pipeline` with the same seeds, and are
+scored by `training.scorer.evaluate_images`. "val" prompts use (colour, kind) combinations seen in training
 (new samples); "heldout" prompts each name at least one combination never seen in training.
 The training loop calls `evaluate_prompts` on its fixed prompts.
 """
@@ -14,6 +17,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +31,9 @@ from training.scorer import evaluate_images
 logger = logging.getLogger(__name__)
 
 SCORE_KEYS = ("colour", "shape", "position", "size", "count", "background", "all")  # what the evaluations report
+
+# (prompts, steps, guidance_scale, seed) -> float images (B, H, W, 3) in [0, 1]
+Generate = Callable[[list[str], int, float, int], np.ndarray]
 
 
 def _rounded(scores: dict) -> dict:
@@ -75,11 +82,35 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tu
 def text_to_image_scores(ld: LatentDiffusion, split: str, guidance_scale: float, n: int = 64, steps: int = 20,
                          seed: int = 0, batch: int = 16, out_dir: str | Path | None = None) -> dict:
     """The scores of images generated from the captions of the first `n` samples of `split`."""
-    ds = ShapesDataset(split, size=ld.default_size[0], length=n, seed=seed)
+    def generate(prompts: list[str], steps: int, guidance_scale: float, seed: int) -> np.ndarray:
+        return sample(ld, prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed)
+
+    return generated_scores(generate, ld.default_size[0], split, guidance_scale, n, steps, seed, batch, out_dir)
+
+
+def bundle_generator(bundle: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                     **options: Any) -> tuple[Generate, int]:
+    """A `Generate` over an exported bundle (``ldm_runtime.Pipeline``, the bundle's own scheduler), and its image size.
+    Same seeds, same draws as `training.sample`: an fp32 bundle gives the torch models' images."""
+    from ldm_runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend=backend, device=device, **options)
+
+    def generate(prompts: list[str], steps: int, guidance_scale: float, seed: int) -> np.ndarray:
+        return np.asarray(pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                               output_type="np").images, np.float32)
+
+    return generate, int(pipe.manifest.default_size[0])
+
+
+def generated_scores(generate: Generate, size: int, split: str, guidance_scale: float, n: int = 64, steps: int = 20,
+                     seed: int = 0, batch: int = 16, out_dir: str | Path | None = None) -> dict:
+    """The scores of the images `generate` makes from the captions of the first `n` samples of `split`
+    (batches of `batch` prompts, batch a with seed `seed + a`)."""
+    ds = ShapesDataset(split, size=size, length=n, seed=seed)
     pairs = [ds.attrs(i) for i in range(n)]
-    images = np.concatenate([
-        sample(ld, [c for _, c in pairs[a:a + batch]], num_inference_steps=steps, guidance_scale=guidance_scale,
-               seed=seed + a) for a in range(0, n, batch)])
+    images = np.concatenate([generate([c for _, c in pairs[a:a + batch]], steps, guidance_scale, seed + a)
+                             for a in range(0, n, batch)])
     r = evaluate_images(list(images), [a for a, _ in pairs])
     scores = {k: r[k] for k in SCORE_KEYS}
     logger.info("%s guidance %g: %s", split, guidance_scale, _rounded(scores))
@@ -118,6 +149,19 @@ def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0) -> dic
     return {k: scores[k] for k in SCORE_KEYS}
 
 
+def evaluate_bundle(bundle: str | Path, n: int = 64, guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5),
+                    steps: int = 20, seed: int = 0, batch: int = 16, out_dir: str | Path | None = None,
+                    backend: str = "onnxruntime", device: str = "cpu", **options: Any) -> dict:
+    """Prompt adherence of an exported bundle as it deploys: {split: {guidance: scores}}, as `evaluate_checkpoint`
+    (no VAE ceiling or denoise diagnostic: those need the torch models). ``options``: engine options."""
+    generate, size = bundle_generator(bundle, backend, device, **options)
+    results: dict = {"bundle": str(bundle), "backend": backend, "options": {k: str(v) for k, v in options.items()}}
+    for split in ("val", "heldout"):
+        results[split] = {str(gs): generated_scores(generate, size, split, gs, n, steps, seed, batch, out_dir)
+                          for gs in guidance_scales}
+    return results
+
+
 def _floats(text: str) -> tuple[float, ...]:
     """"0.2, 0.4" or "0.2,0.4" -> (0.2, 0.4); "" -> ()."""
     return tuple(float(v) for v in text.split(",") if v.strip())
@@ -126,7 +170,8 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.evaluate CHECKPOINT [...]`: print the results as JSON (and write OUT/eval.json)."""
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint folder (or a diffusers folder) trained on the built-in data")
+    p.add_argument("checkpoint", help="a checkpoint folder (or a diffusers folder) trained on the built-in data, "
+                   "or a bundle exported from one (a folder with manifest.json)")
     p.add_argument("--n", type=int, default=64, help="prompts per split")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=_floats, default=(1.0, 3.0, 7.5), help="guidance scales, comma-separated")
@@ -134,11 +179,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=None, help="folder for eval.json and the sample grids")
+    p.add_argument("--backend", default="onnxruntime", help="for a bundle: the ldm_runtime backend")
+    p.add_argument("--device", default="cpu", help="for a bundle: the device")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="for a bundle: an engine option (threads=2, precision=bf16, ...), repeatable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    is_bundle = (Path(args.checkpoint) / "manifest.json").is_file()
+    if not is_bundle and (args.engine_option or args.backend != "onnxruntime" or args.device != "cpu"):
+        p.error(f"--backend, --device and --engine-option are for bundles; {args.checkpoint} has no manifest.json")
+    if is_bundle and args.strengths:
+        p.error("--strengths needs the torch models (a checkpoint folder), not a bundle")
     try:
-        r = evaluate_checkpoint(args.checkpoint, n=args.n, guidance_scales=args.guidance, steps=args.steps,
-                                seed=args.seed, batch=args.batch, out_dir=args.out, denoise_strengths=args.strengths)
+        if is_bundle:
+            from ldm_runtime.cliargs import UsageError, parse_engine_options
+            from ldm_runtime.manifest import BundleError
+
+            try:
+                r = evaluate_bundle(args.checkpoint, n=args.n, guidance_scales=args.guidance, steps=args.steps,
+                                    seed=args.seed, batch=args.batch, out_dir=args.out, backend=args.backend,
+                                    device=args.device, **parse_engine_options(args.engine_option))
+            except (BundleError, UsageError, ValueError) as e:
+                print(f"training.evaluate: {e}", file=sys.stderr)
+                return 2
+        else:
+            r = evaluate_checkpoint(args.checkpoint, n=args.n, guidance_scales=args.guidance, steps=args.steps,
+                                    seed=args.seed, batch=args.batch, out_dir=args.out,
+                                    denoise_strengths=args.strengths)
     except CheckpointError as e:
         print(f"training.evaluate: {e}", file=sys.stderr)
         return 2
