@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/vae-study}
-VARIANTS=${VARIANTS:-"c4 c8 c16 f2 c8-gan"}
+VARIANTS=${VARIANTS:-"c4 c8 c16 f2"}  # also: w8 (wider), c8-gan (stage 1's perceptual and GAN terms)
 COMMON="--pixel_loss=l1 --batch_size=16 --max_steps=${STEPS:-3000} --lr=5e-4 --warmup_steps=50 --eval_every=1000 \
   --eval_images=128 --ckpt_every=100 --scale_images=1024 --threads=1 --progress=false"
 
