@@ -137,16 +137,17 @@ def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_s
 
 
 @torch.no_grad()
-def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0) -> dict:
+def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0, per_image: bool = False) -> dict:
     """The scorer on the VAE's reconstructions (posterior mean) of real validation images: what the
-    autoencoder keeps of colour, shape, ... is an upper bound for what any generated image can score."""
+    autoencoder keeps of colour, shape, ... is an upper bound for what any generated image can score.
+    ``per_image``: `evaluate_images`' whole result (per-object booleans too) and the images' ``attrs``."""
     ds = ShapesDataset("val", size=size, length=n, seed=seed)
     attrs = [ds.attrs(i)[0] for i in range(n)]
     x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
     r = torch.cat([vae.decode(vae.encode(x[a:a + 32])[0]) for a in range(0, n, 32)])
     images = ((r.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     scores = evaluate_images(list(images), attrs)
-    return {k: scores[k] for k in SCORE_KEYS}
+    return {**scores, "attrs": attrs} if per_image else {k: scores[k] for k in SCORE_KEYS}
 
 
 def evaluate_bundle(bundle: str | Path, n: int = 64, guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5),

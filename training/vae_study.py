@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from training.checkpoint import load_vae
-from training.data.shapes import KINDS, SIZES, ShapesDataset
-from training.scorer import evaluate_images
+from training.data.shapes import KINDS, SIZES
+from training.evaluate import vae_reconstruction_scores
 from training.train_vae import ImageSource, evaluate
 
 log = logging.getLogger("vae_study")
@@ -37,16 +37,9 @@ def study(folder: str | Path, n: int = 256, image_size: int = 64, seed: int = 0)
     """The figures above for one autoencoder folder (the same n validation images for every folder)."""
     folder = Path(folder)
     vae = load_vae(folder).eval()
-    ds = ShapesDataset("val", size=image_size, length=n, seed=seed)
-    attrs = [ds.attrs(i)[0] for i in range(n)]
-    x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
-    recon, latent_shape = [], None
-    for a in range(0, n, 32):
-        mean = vae.encode(x[a:a + 32])[0]
-        latent_shape = tuple(mean.shape[1:])
-        recon.append(vae.decode(mean))
-    images = ((torch.cat(recon).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    r = evaluate_images(list(images), attrs)
+    r = vae_reconstruction_scores(vae, image_size, n, seed, per_image=True)
+    attrs = r["attrs"]
+    latent_shape = tuple(vae.encode(torch.zeros(1, 3, image_size, image_size))[0].shape[1:])
     by_kind: dict[str, list[bool]] = {k: [] for k in KINDS}
     by_size: dict[str, list[bool]] = {s: [] for s in SIZES}
     for a, res in zip(attrs, r["per_image"]):
@@ -59,7 +52,7 @@ def study(folder: str | Path, n: int = 256, image_size: int = 64, seed: int = 0)
         "folder": str(folder),
         "params": sum(p.numel() for p in vae.parameters()),
         "weights_bytes": os.path.getsize(folder / "model.safetensors"),
-        "latent_shape": list(latent_shape or ()),
+        "latent_shape": list(latent_shape),
         "block_out_channels": list(vae.config.block_out_channels),
         "psnr": round(quality["psnr"], 2), "ssim": round(quality["ssim"], 4),
         "recon": {k: round(r[k], 3) for k in SCORES},
