@@ -1,6 +1,8 @@
 """The CPU peer, side by side in one run: our runtime on onnxruntime fp32 and on OpenVINO (f32, and bf16
-where the CPU has it), diffusers' StableDiffusionPipeline, and optimum-intel's OVStableDiffusionPipeline
-when given an OpenVINO folder it exported (``--optimum``, run by a Python that has optimum-intel).
+where the CPU has it), the int8 bundle (``ldm quantize``'s ``bundle-int8/`` beside ``bundle/``, when it
+exists) on onnxruntime and on OpenVINO, diffusers' StableDiffusionPipeline, and optimum-intel's
+OVStableDiffusionPipeline when given an OpenVINO folder it exported (``--optimum``, run by a Python that
+has optimum-intel).
 
 Every contestant gets the same prompt, initial latents, DDIM schedule, steps and guidance
 (``output_type="np"``); after a 2-step warm-up each, the repeats go round the contestants in turn,
@@ -87,18 +89,29 @@ def optimum_pipeline(folder: str, threads: int, guidance_scale: float) -> Run:
 
 def contestants(model: Path, threads: int, guidance_scale: float, optimum: str | None) -> tuple[dict[str, Run], list[str]]:
     """The runs to compare, and a line for each contestant that could not run here (and why)."""
-    bundle = str(model / "bundle")
+    bundle, int8 = str(model / "bundle"), model / "bundle-int8"
     runs: dict[str, Run] = {"ours onnxruntime fp32": ours(bundle, "onnxruntime", guidance_scale, threads=threads)}
     skipped = []
+    has_int8 = (int8 / "manifest.json").is_file()
+    if has_int8:
+        runs["ours onnxruntime int8"] = ours(str(int8), "onnxruntime", guidance_scale, threads=threads)
+    else:
+        skipped.append(f"int8: no {int8} (ldm quantize {bundle} --out {int8})")
     try:
         from ldm_runtime.backends.openvino import cpu_capabilities, cpu_name
 
         runs["ours openvino f32"] = ours(bundle, "openvino", guidance_scale, threads=threads, precision="f32")
         if "BF16" in cpu_capabilities():
             runs["ours openvino bf16"] = ours(bundle, "openvino", guidance_scale, threads=threads, precision="bf16")
+            if has_int8:  # OpenVINO runs the QDQ nodes as int8 kernels; what stays in float runs in bf16
+                runs["ours openvino int8+bf16"] = ours(str(int8), "openvino", guidance_scale, threads=threads,
+                                                       precision="bf16")
         else:
             skipped.append(f"ours openvino bf16: this CPU ({cpu_name()}) reports no BF16 in "
                            f"OPTIMIZATION_CAPABILITIES {cpu_capabilities()}")
+            if has_int8:
+                runs["ours openvino int8+f32"] = ours(str(int8), "openvino", guidance_scale, threads=threads,
+                                                      precision="f32")
     except RuntimeError as e:  # openvino not installed
         skipped.append(f"ours openvino: {e}")
     runs["diffusers fp32"] = diffusers_pipeline(str(model / "diffusers"), threads, guidance_scale)

@@ -39,6 +39,8 @@ from .bundle import _move_into_place, check_out, recover_swap, sweep_stale
 log = logging.getLogger(__name__)
 
 QUANTIZABLE = ("unet", "vae_decoder")
+# ``ldm quantize --calibration-method`` names -> onnxruntime's CalibrationMethod members
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 CALIBRATION_PROMPTS = ("a red circle on a blue background", "a green square in the middle",
                        "two yellow triangles on white", "a purple star above a grey line")
 
@@ -87,11 +89,34 @@ class Int8Policy:
     op_types: tuple[str, ...] = ("Conv", "MatMul")
     keep_scopes: tuple[str, ...] = ()
     per_channel: bool = True
+    calibration_method: str = "minmax"
+    percentile: float = 99.999
+
+    def __post_init__(self):
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise QuantizeError(f"calibration method {self.calibration_method!r}: expected one of "
+                                f"{', '.join(CALIBRATION_METHODS)}")
+        if not 90.0 <= self.percentile <= 100.0:
+            raise QuantizeError(f"percentile {self.percentile!r}: expected a value in [90, 100]")
+        for s in self.keep_scopes:
+            try:
+                re.compile(s)
+            except re.error as e:
+                raise QuantizeError(f"keep scope {s!r}: not a regular expression ({e})") from None
 
     def to_dict(self) -> dict:
         return {"op_types": list(self.op_types), "keep_scopes": list(self.keep_scopes),
                 "per_channel": self.per_channel, "format": "QDQ", "activations": "int8", "weights": "int8",
-                "calibration_method": "MinMax"}
+                "calibration_method": CALIBRATION_METHODS[self.calibration_method],
+                **({"percentile": self.percentile} if self.calibration_method == "percentile" else {})}
+
+    def calibrate_options(self) -> dict[str, Any]:
+        """``quantize_static`` keyword arguments for the calibration method."""
+        from onnxruntime.quantization import CalibrationMethod
+
+        extra = {"CalibPercentile": self.percentile} if self.calibration_method == "percentile" else {}
+        return {"calibrate_method": getattr(CalibrationMethod, CALIBRATION_METHODS[self.calibration_method]),
+                "extra": extra}
 
 
 class _RecordingEngine:
@@ -235,9 +260,11 @@ def quantize_component(m: Manifest, component: str, tmp: Path, feeds: list[dict[
         excluded = [n.name for n in model.graph.node if n.op_type in policy.op_types
                     and any(re.search(s, n.name) for s in policy.keep_scopes)]
         q_path = Path(scratch) / f"int8-{component}.onnx"
+        calibrate = policy.calibrate_options()
         quantize_static(model, q_path, _FeedReader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(policy.op_types), per_channel=policy.per_channel,
-                        nodes_to_exclude=excluded, extra_options={"ActivationSymmetric": False})
+                        nodes_to_exclude=excluded, calibrate_method=calibrate["calibrate_method"],
+                        extra_options={"ActivationSymmetric": False, **calibrate["extra"]})
         quantized = onnx.load(str(q_path))
         rel = f"{component}.onnx"
         external = save_with_weights(quantized, tmp / rel)
@@ -326,6 +353,13 @@ def quantize_main(argv: list[str] | None = None) -> int:
     p.add_argument("--gate-steps", type=int, default=QualityGate.steps, help="denoising steps of the gate's images")
     p.add_argument("--calibration-steps", type=int, default=Calibration.steps,
                    help="denoising steps of each calibration run")
+    p.add_argument("--calibration-method", default=Int8Policy.calibration_method, choices=list(CALIBRATION_METHODS),
+                   help="how activation ranges are set from the calibration feeds (default %(default)s)")
+    p.add_argument("--percentile", type=float, default=Int8Policy.percentile,
+                   help="with --calibration-method percentile: the kept percentile of |activation| (default %(default)s)")
+    p.add_argument("--keep", default="", help="comma-separated regexes of node names (module paths) whose Conv and "
+                   "MatMul nodes stay in float, e.g. 'conv_in,conv_out'")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -335,9 +369,13 @@ def quantize_main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     try:
+        policy = Int8Policy(keep_scopes=tuple(k.strip() for k in args.keep.split(",") if k.strip()),
+                            per_channel=not args.per_tensor, calibration_method=args.calibration_method,
+                            percentile=args.percentile)
         out = quantize_bundle(args.bundle, args.out, components=tuple(c.strip() for c in args.components.split(",")),
                               calibration=Calibration(steps=args.calibration_steps),
-                              gate=QualityGate(min_psnr_db=args.min_psnr, steps=args.gate_steps), threads=args.threads)
+                              gate=QualityGate(min_psnr_db=args.min_psnr, steps=args.gate_steps), policy=policy,
+                              threads=args.threads)
     except QualityGateError as e:
         print(f"ldm quantize: {one_line(e)}", file=sys.stderr)
         return 1

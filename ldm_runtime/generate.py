@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA safetensors file fused into the weights at load, at SCALE (default 1.0); repeatable")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "openvino"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option, repeatable: threads=2; openvino: precision=f32|bf16, cache_dir=DIR; "
+                        "onnxruntime: cpu_variant=false, ...")
     p.add_argument("--out", default=".",
                    help="a .png file name, or a folder (a name ending in / always is; default: the current folder)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
@@ -174,8 +177,17 @@ def generate(a: argparse.Namespace) -> list[Path]:
     from .images import save_png
     from .pipeline import Pipeline
 
+    from .cliargs import parse_engine_options
+
     target, is_folder = output_target(a.out)
-    pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device, loras=a.lora)
+    try:
+        options = parse_engine_options(a.engine_option)
+    except UsageError as e:
+        raise ValueError(str(e)) from None
+    try:
+        pipe = Pipeline.load(a.bundle, backend=a.backend, device=a.device, loras=a.lora, **options)
+    except TypeError as e:  # an option the backend does not have
+        raise ValueError(str(e)) from None
     out = pipe(a.prompt, negative_prompt=a.negative_prompt, num_inference_steps=a.steps,
                guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler or None,
                height=a.height, width=a.width, num_images_per_prompt=a.num_images, seed=a.seed,
@@ -199,10 +211,21 @@ def png_parameters(pipe: Any, *, prompt: str, negative_prompt: str | None, seed:
         "scheduler": scheduler, "eta": eta, "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale, "height": height, "width": width, "num_images": num_images,
         "bundle": pipe.manifest.sha256, "precision": pipe.manifest.precision, "backend": pipe.backend,
-        "device": pipe.device, "ldm_runtime": __version__,
+        "device": pipe.device, "ldm_runtime": __version__, **arithmetic(pipe),
         **{k: list(v) if isinstance(v, tuple) else v for k, v in (sdxl or {}).items()},
         **({"loras": lora_parameters(pipe.loras)} if getattr(pipe, "loras", None) is not None else {}),
     }
+
+
+def arithmetic(pipe: Any) -> dict[str, Any]:
+    """What the engines compute in where it is not the manifest's precision: the int8 components of an
+    ``ldm quantize`` bundle, and OpenVINO's compiled precision (bf16 on a CPU that has it)."""
+    out: dict[str, Any] = {}
+    if pipe.manifest.int8_components:
+        out["int8_components"] = list(pipe.manifest.int8_components)
+    if pipe.backend == "openvino":
+        out["openvino_precision"] = pipe.options.precision
+    return out
 
 
 def lora_parameters(loras: Any) -> list[dict[str, Any]]:

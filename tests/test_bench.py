@@ -332,3 +332,28 @@ def test_compare_diffusers_on_sdxl_is_the_same_picture(tiny_sdxl_dir, tiny_sdxl_
     assert w["bundle_bytes"] == sum(f.stat().st_size for f in tiny_sdxl_bundle.rglob("*") if f.is_file())
     weights = sum(f.stat().st_size for f in tiny_sdxl_bundle.glob("*.weights"))
     assert 1.0 <= weights / w["fp32_weight_bytes"] <= 1.01  # each weight once, page-aligned
+
+
+def test_backend_ab_alternates_and_reports_each_component(bundle, capsys):
+    """bench/backend_ab.py: calls go A B B A A B ... after one warm-up each, every component is timed on
+    both backends (here onnxruntime twice, with and without its CPU variant: same graph maths)."""
+    from bench import backend_ab
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, feeds):
+            calls.append(self.name)
+
+    times = backend_ab.alternate([Fake("a"), Fake("b")], {}, rounds=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"] and [len(t) for t in times] == [3, 3]
+    assert backend_ab.main([str(bundle), "--b", "onnxruntime", "--b-option", "cpu_variant=false",
+                            "--threads", "1", "--rounds", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["components"]) == {"text_encoder", "unet_2B", "vae_decoder"}
+    for row in report["components"].values():
+        assert 0 < row["a_min_s"] <= row["a_median_s"] and 0 < row["b_min_s"] <= row["b_median_s"]
+        assert row["b_over_a"] == pytest.approx(row["b_median_s"] / row["a_median_s"])

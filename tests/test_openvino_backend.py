@@ -155,7 +155,30 @@ def test_ldm_generate_and_verify_with_openvino(tiny_fp32_bundle, tmp_path, monke
                    "--seed", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert out.is_file() and (tmp_path / "xdg" / "ldm-runtime" / "openvino").is_dir()
-    assert read_parameters(out)["backend"] == "openvino"
+    params = read_parameters(out)
+    assert params["backend"] == "openvino" and params["openvino_precision"] == ("bf16" if has_bf16() else "f32")
+    f32 = tmp_path / "f32.png"
+    rc = ldm_main(["generate", str(tiny_fp32_bundle), PROMPT, "--backend", "openvino", "--steps", "2",
+                   "--seed", "1", "--engine-option", "precision=f32", "--engine-option", "threads=1", "--out", str(f32)])
+    assert rc == 0, capsys.readouterr().err
+    assert read_parameters(f32)["openvino_precision"] == "f32"
+    ort = tmp_path / "ort.png"
+    assert ldm_main(["generate", str(tiny_fp32_bundle), PROMPT, "--steps", "2", "--seed", "1", "--out", str(ort)]) == 0
+    assert "openvino_precision" not in read_parameters(ort)
+    from PIL import Image
+
+    diff = np.abs(np.asarray(Image.open(f32), np.int16) - np.asarray(Image.open(ort), np.int16)).max()
+    assert diff <= 2  # F32_IMAGE_MAX_ABS in 8-bit levels
+    capsys.readouterr()
+    assert ldm_main(["generate", str(tiny_fp32_bundle), PROMPT, "--backend", "openvino", "--engine-option",
+                     "precision=f16", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown OpenVINO precision 'f16'; expected one of" in err[0]
+    assert ldm_main(["generate", str(tiny_fp32_bundle), PROMPT, "--engine-option", "colour=red",
+                     "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown onnxruntime engine options ['colour']" in err[0]
+    assert not (tmp_path / "x.png").exists()
     assert ldm_main(["verify", str(tiny_fp32_bundle), "--backend", "openvino"]) == 0
     report = tmp_path / "bench"
     assert ldm_main(["bench", str(tiny_fp32_bundle), "--backend", "openvino", "--steps", "1", "--repeats", "1",

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnxruntime.quantization")
 onnx = pytest.importorskip("onnx")
 
-from export.quantize import Calibration, QualityGate, QualityGateError, QuantizeError, image_psnr_db, quantize_bundle
+from export.quantize import Calibration, Int8Policy, QualityGate, QualityGateError, QuantizeError, image_psnr_db, quantize_bundle
 from ldm_runtime.manifest import BundleError, Manifest
 from ldm_runtime.pipeline import Pipeline
 
@@ -84,6 +84,26 @@ def _unet_runs(bundle, steps: int) -> int:
     return len(calls)
 
 
+def test_percentile_calibration_and_kept_scopes(tiny_fp32_bundle, tmp_path):
+    policy = Int8Policy(keep_scopes=("conv_in", "conv_out"), calibration_method="percentile", percentile=99.9)
+    out = quantize_bundle(tiny_fp32_bundle, tmp_path / "int8", calibration=CALIBRATION, gate=GATE, policy=policy,
+                          threads=1)
+    m = Manifest.load(out)
+    q = m.data["components"]["unet"]["quantization"]
+    assert q["kept_in_float"] and all(("conv_in" in n or "conv_out" in n) for n in q["kept_in_float"])
+    assert {n for n in q["kept_in_float"]} == {n.name for n in onnx.load(str(out / "unet.onnx")).graph.node
+                                               if n.op_type == "Conv" and ("conv_in" in n.name or "conv_out" in n.name)}
+    assert m.data["quantization"]["policy"]["calibration_method"] == "Percentile"
+    assert m.data["quantization"]["policy"]["percentile"] == 99.9
+    assert m.data["quantization"]["quality_gate"]["psnr_db"] >= TINY_GATE_DB
+    with pytest.raises(QuantizeError, match=r"calibration method 'kl': expected one of minmax, percentile, entropy"):
+        Int8Policy(calibration_method="kl")
+    with pytest.raises(QuantizeError, match=r"keep scope '\(': not a regular expression"):
+        Int8Policy(keep_scopes=("(",))
+    with pytest.raises(QuantizeError, match=r"percentile 50.0: expected a value in \[90, 100\]"):
+        Int8Policy(percentile=50.0)
+
+
 def test_failed_gate_writes_nothing(tiny_fp32_bundle, tmp_path, capsys):
     from ldm_runtime.cli import main
 
@@ -94,6 +114,18 @@ def test_failed_gate_writes_nothing(tiny_fp32_bundle, tmp_path, capsys):
     assert rc == 1
     assert "failed its quality gate, nothing written: image_psnr_db" in err and "< min_psnr_db 200 dB" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_png_names_the_int8_components(tiny_fp32_bundle, int8_bundle, tmp_path):
+    from ldm_runtime.cli import main
+    from ldm_runtime.images import read_parameters
+
+    for bundle, name in ((int8_bundle, "int8.png"), (tiny_fp32_bundle, "fp32.png")):
+        assert main(["generate", str(bundle), "a red circle", "--steps", "2", "--seed", "1",
+                     "--engine-option", "threads=1", "--out", str(tmp_path / name)]) == 0
+    int8, fp32 = read_parameters(tmp_path / "int8.png"), read_parameters(tmp_path / "fp32.png")
+    assert int8["int8_components"] == ["unet"] and int8["precision"] == "fp32"
+    assert "int8_components" not in fp32 and int8["bundle"] != fp32["bundle"]
 
 
 def test_tensorrt_refuses_int8(int8_bundle):
@@ -136,3 +168,17 @@ def test_image_psnr_closed_form():
     ref = np.zeros((2, 4, 4, 3), np.float32)
     assert image_psnr_db(ref + 0.1, ref) == pytest.approx(20.0)
     assert image_psnr_db(ref, ref) == 200.0
+
+
+def test_precision_gate_script(tiny_fp32_bundle, int8_bundle, capsys):
+    """bench/precision_gate.py applies ldm quantize's gate to a bundle on any backend: the fp32 bundle
+    against itself is exact (200 dB); the int8 bundle is near fp32 yet not equal, and fails a 200 dB gate (exit 1)."""
+    from bench import precision_gate
+
+    assert precision_gate.main([str(tiny_fp32_bundle), "--threads", "1", "--steps", "4"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["psnr_db"] == 200.0 and same["passed"] is True
+    rc = precision_gate.main([str(tiny_fp32_bundle), "--candidate", str(int8_bundle), "--threads", "1",
+                              "--steps", "4", "--min-psnr", "200"])
+    got = json.loads(capsys.readouterr().out)
+    assert rc == 1 and got["passed"] is False and TINY_GATE_DB <= got["psnr_db"] < 100
