@@ -120,8 +120,10 @@ def test_overload_is_rejected_at_once_with_retry_after(ray_url):
 @pytest.mark.slow
 def test_client_disconnect_cancels_its_job(ray_url):
     before = sum(s["cancellations"] for s in replica_stats())
+    # 900 steps at 16x BODY's latent area: well over the client's 2 s on any CPU (900 steps at 64x64 finished
+    # in under 2 s on a fast VM, so the client never timed out)
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{ray_url}/v1/images/generations", json=dict(BODY, steps=900), timeout=2.0)
+        httpx.post(f"{ray_url}/v1/images/generations", json=dict(BODY, steps=900, size="256x256"), timeout=2.0)
     wait_for(lambda: sum(s["cancellations"] for s in replica_stats()) > before, "a cancellation in a replica")
     after = httpx.post(f"{ray_url}/v1/images/generations", json=BODY, timeout=TIMEOUT_S)
     assert after.status_code == 200, after.text  # and the replicas serve on
