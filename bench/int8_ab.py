@@ -14,13 +14,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.backend_ab import alternate  # noqa: E402
 from bench.proc import PEAK_RSS_SNIPPET, machine_info, run_child  # noqa: E402
 from bench.runtime import component_feeds  # noqa: E402
 from export.quantize import image_psnr_db  # noqa: E402
@@ -46,16 +46,7 @@ def unet_seconds(bundles: list[str], batch: int, threads: int, rounds: int) -> l
     pipes = [Pipeline.load(b, threads=threads) for b in bundles]
     h, w = pipes[0].manifest.default_size
     feeds = component_feeds(pipes[0], h, w, batch // 2)["unet_2B"]
-    engines = [p.engine("unet") for p in pipes]
-    for e in engines:
-        e.run(feeds)  # warm-up
-    times: list[list[float]] = [[] for _ in engines]
-    for r in range(rounds):
-        for i in (range(len(engines)) if r % 2 == 0 else reversed(range(len(engines)))):
-            t0 = time.perf_counter()
-            engines[i].run(feeds)
-            times[i].append(time.perf_counter() - t0)
-    return times
+    return alternate([p.engine("unet") for p in pipes], feeds, rounds)
 
 
 def generate(bundle: str, args: argparse.Namespace, folder: Path) -> tuple[dict, np.ndarray]:
