@@ -309,3 +309,39 @@ def test_evaluate_bundle_generates_the_torch_models_images(tiny_checkpoint_dir, 
     with pytest.raises(SystemExit):
         main([str(tiny_checkpoint_dir), "--engine-option", "threads=1"])
     assert "are for bundles" in capsys.readouterr().err
+
+
+def test_text_gain_with_an_oracle_unet():
+    """`text_gain` noises real latents and scores the U-Net's prediction under three captions. A U-Net that
+    returns the exact noise when (and only when) it is given the true caption embeddings has loss 0 with
+    them, and with the wrong or empty captions (where it returns zeros) the loss is the mean square of unit
+    Gaussian noise: 1 within 0.05 over 64 x 4 x 8 x 8 draws. Out-of-schedule timesteps are refused."""
+    torch = pytest.importorskip("torch")
+    from conftest import tiny_latent_diffusion
+    from training.evaluate import _alphas_cumprod, text_gain
+    from training.sample import tokenizer_for
+
+    n = 64
+    ld = tiny_latent_diffusion()
+    ac = _alphas_cumprod(ld.scheduler_config)
+    ds = ShapesDataset("val", size=64, length=n, seed=0)
+    with torch.no_grad():
+        x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
+        z0 = ld.vae.encode(x)[0] * ld.vae.config.scaling_factor
+        true_ctx = ld.text_encoder(torch.from_numpy(tokenizer_for(ld)([ds[i][1] for i in range(n)])))
+
+    class Oracle(torch.nn.Module):
+        def forward(self, z_t, t, ctx):
+            if ctx.shape == true_ctx.shape and torch.equal(ctx, true_ctx):
+                ab = ac[int(t[0])]
+                return (z_t - ab.sqrt() * z0) / (1 - ab).sqrt()
+            return torch.zeros_like(z_t)
+
+    ld.unet = Oracle()
+    r = text_gain(ld, (100, 900), n=n)
+    for t in ("100", "900"):
+        assert r[t]["cond"] < 1e-8
+        assert abs(r[t]["empty"] - 1.0) < 0.05 and abs(r[t]["wrong"] - 1.0) < 0.05
+        assert r[t]["gain"] == pytest.approx(r[t]["empty"] - r[t]["cond"])
+    with pytest.raises(ValueError, match=r"timestep 1000 is outside"):
+        text_gain(ld, (1000,), n=4)

@@ -110,7 +110,26 @@ def test_second_load_comes_from_the_cache(tiny_fp32_bundle, tmp_path):
 
 def test_default_cache_dir_is_the_users(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert OpenVinoOptions().compile_config()["CACHE_DIR"] == str(tmp_path / "ldm-runtime" / "openvino")
+    assert OpenVinoOptions().compile_config()["CACHE_DIR"] == str(tmp_path / "ldm-runtime" / "openvino" / "f32")
+    assert (OpenVinoOptions(precision="bf16", cache_dir=str(tmp_path)).compile_config()["CACHE_DIR"]
+            == str(tmp_path / "bf16"))
+
+
+def test_bf16_after_f32_in_one_cache_is_bf16_and_finite(tiny_fp32_bundle, tmp_path):
+    """One cache folder, the same graph compiled in f32 and then in bf16: the bf16 engine must not take
+    the f32 blob (OpenVINO's cache key ignores the precision; on an AMX CPU that gave all-NaN outputs)."""
+    if not has_bf16():
+        pytest.skip(f"this CPU ({ov_backend.cpu_name()}) has no bf16 arithmetic")
+    man, cache = Manifest.load(tiny_fp32_bundle), str(tmp_path / "cache")
+    feeds = component_feeds(Pipeline.load(tiny_fp32_bundle, threads=1), 64, 64, batch=1)["text_encoder"]
+    f32 = load_engine(man, "text_encoder", "openvino", "cpu", engine_options("openvino", threads=1, precision="f32",
+                                                                             cache_dir=cache))
+    bf16 = load_engine(man, "text_encoder", "openvino", "cpu", engine_options("openvino", threads=1,
+                                                                              precision="bf16", cache_dir=cache))
+    assert not bf16.loaded_from_cache and bf16.precision == "bf16"
+    a, b = (next(iter(e.run(feeds).values())) for e in (f32, bf16))
+    assert np.isfinite(b).all()
+    assert np.abs(b - a).max() <= 0.1 * np.abs(a).max()  # bf16 (8-bit mantissa) on a 2-layer encoder
 
 
 def test_threads_reach_openvino():

@@ -1,6 +1,7 @@
 """Model evaluation on the built-in shapes data: generate from captions, score against their ground truth.
 
     python -m training.evaluate CHECKPOINT --n 64 --steps 20 --out runs/default/eval --strengths 0.2,0.4
+    python -m training.evaluate CHECKPOINT --n 64 --guidance 3 --text-gain 100,500,800,900,980
     python -m training.evaluate BUNDLE --n 64 --guidance 3           # an exported bundle, through ldm_runtime
     python -m training.evaluate BUNDLE --backend openvino --engine-option precision=bf16
 
@@ -55,16 +56,19 @@ def evaluate_prompts(ld: LatentDiffusion, prompts: list[str], attrs: list | None
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 64, guidance_scales: tuple[float, ...] = (1.0, 3.0, 7.5),
                         steps: int = 20, seed: int = 0, batch: int = 16, out_dir: str | Path | None = None,
-                        denoise_strengths: tuple[float, ...] = ()) -> dict:
+                        denoise_strengths: tuple[float, ...] = (), text_gain_timesteps: tuple[int, ...] = ()) -> dict:
     """Prompt adherence of a checkpoint on the built-in data: {split: {guidance: scores}}.
 
     Also "vae_reconstruction" (the ceiling for generated images) and, for each of `denoise_strengths`,
-    `denoise_scores` at every guidance scale: results["denoise"][strength][guidance]. With `out_dir`,
+    `denoise_scores` at every guidance scale: results["denoise"][strength][guidance]; with
+    `text_gain_timesteps`, `text_gain` at them: results["text_gain"]. With `out_dir`,
     the first 16 images of each setting are saved as a grid PNG.
     """
     ld = load_models(checkpoint)
     size = ld.default_size[0]
     results: dict = {"vae_reconstruction": vae_reconstruction_scores(ld.vae, size, n, seed)}
+    if text_gain_timesteps:
+        results["text_gain"] = text_gain(ld, text_gain_timesteps, n, seed)
     logger.info("VAE reconstructions of %d validation images (the ceiling for generated ones): %s", n,
                 _rounded(results["vae_reconstruction"]))
     for split in ("val", "heldout"):
@@ -136,6 +140,56 @@ def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_s
     return {k: r[k] for k in SCORE_KEYS}
 
 
+def _alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    from ldm_runtime.noise_schedule import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
+
+    c = scheduler_config
+    betas = make_betas(c.get("num_train_timesteps", 1000), c.get("beta_start", 0.0001), c.get("beta_end", 0.02),
+                       c.get("beta_schedule", "linear"))
+    if c.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.from_numpy(alphas_cumprod_from_betas(betas)).float()
+
+
+@torch.no_grad()
+def text_gain(ld: LatentDiffusion, timesteps: tuple[int, ...] = (100, 300, 500, 700, 800, 900, 980), n: int = 64,
+              seed: int = 0) -> dict:
+    """How much the U-Net reads its caption at each noise level: the training loss (the scheduler's
+    prediction type, mean squared error) on `n` real validation latents noised to timestep t, with the true
+    captions ("cond"), with each image given another image's caption ("wrong") and with the empty prompt
+    ("empty"); "gain" is empty - cond. A text-to-image model needs a large gain at the high timesteps, where
+    pure noise holds nothing of the layout; a gain near 0 there means the U-Net is an unconditional denoiser
+    and generated objects cannot follow the prompt, whatever it does from real latents (`denoise_scores`).
+    The same noise is used for the three captions. {str(t): {"cond", "wrong", "empty", "gain"}}."""
+    from training.sample import tokenizer_for
+
+    ds = ShapesDataset("val", size=ld.default_size[0], length=n, seed=seed)
+    x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
+    captions = [ds[i][1] for i in range(n)]
+    mean = torch.cat([ld.vae.encode(x[a:a + 32])[0] for a in range(0, n, 32)])
+    z0 = (mean - (ld.vae.config.shift_factor or 0.0)) * ld.vae.config.scaling_factor
+    tok = tokenizer_for(ld)
+    cond = ld.text_encoder(torch.from_numpy(tok(captions)))
+    contexts = {"cond": cond, "wrong": cond.roll(1, dims=0), "empty": ld.text_encoder(torch.from_numpy(tok([""] * n)))}
+    ac = _alphas_cumprod(ld.scheduler_config)
+    v_pred = ld.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in timesteps:
+        if not 0 <= t < len(ac):
+            raise ValueError(f"text_gain: timestep {t} is outside the schedule's [0, {len(ac) - 1}]")
+        ab = ac[t]
+        noise = torch.randn(z0.shape, generator=g)
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * z0 if v_pred else noise
+        tt = torch.full((n,), float(t))
+        r = {k: float(((ld.unet(z_t, tt, c) - target) ** 2).mean()) for k, c in contexts.items()}
+        r["gain"] = r["empty"] - r["cond"]
+        out[str(t)] = r
+        logger.info("text gain at t=%d: %s", t, {k: round(v, 4) for k, v in r.items()})
+    return out
+
+
 @torch.no_grad()
 def vae_reconstruction_scores(vae, size: int, n: int = 64, seed: int = 0, per_image: bool = False) -> dict:
     """The scorer on the VAE's reconstructions (posterior mean) of real validation images: what the
@@ -168,6 +222,11 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """"100, 900" -> (100, 900); "" -> ()."""
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.evaluate CHECKPOINT [...]`: print the results as JSON (and write OUT/eval.json)."""
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
@@ -177,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=_floats, default=(1.0, 3.0, 7.5), help="guidance scales, comma-separated")
     p.add_argument("--strengths", type=_floats, default=(), help="img2img strengths for denoise_scores (none: skip)")
+    p.add_argument("--text-gain", type=_ints, default=(), metavar="T,...",
+                   help="timesteps at which to measure the loss with true, wrong and empty captions (text_gain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=None, help="folder for eval.json and the sample grids")
@@ -189,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     is_bundle = (Path(args.checkpoint) / "manifest.json").is_file()
     if not is_bundle and (args.engine_option or args.backend != "onnxruntime" or args.device != "cpu"):
         p.error(f"--backend, --device and --engine-option are for bundles; {args.checkpoint} has no manifest.json")
-    if is_bundle and args.strengths:
-        p.error("--strengths needs the torch models (a checkpoint folder), not a bundle")
+    if is_bundle and (args.strengths or args.text_gain):
+        p.error("--strengths and --text-gain need the torch models (a checkpoint folder), not a bundle")
     try:
         if is_bundle:
             from ldm_runtime.cliargs import UsageError, parse_engine_options
@@ -206,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = evaluate_checkpoint(args.checkpoint, n=args.n, guidance_scales=args.guidance, steps=args.steps,
                                     seed=args.seed, batch=args.batch, out_dir=args.out,
-                                    denoise_strengths=args.strengths)
+                                    denoise_strengths=args.strengths, text_gain_timesteps=args.text_gain)
     except CheckpointError as e:
         print(f"training.evaluate: {e}", file=sys.stderr)
         return 2

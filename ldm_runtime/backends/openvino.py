@@ -44,7 +44,10 @@ class OpenVinoOptions:
     ``threads``: inference threads (None: OpenVINO's default, all cores), as onnxruntime's ``threads``;
     ``precision``: the arithmetic OpenVINO runs in, "f32" or "bf16" (None: bf16 where the CPU reports
     BF16 in ``OPTIMIZATION_CAPABILITIES``, else f32); ``cache_dir``: OpenVINO's compiled-model cache,
-    so a second load skips compilation (None: ``default_cache_dir()``).
+    so a second load skips compilation (None: ``default_cache_dir()``). Each precision caches in its own
+    subfolder of it: OpenVINO 2026.4's cache key leaves ``INFERENCE_PRECISION_HINT`` out, so a bf16 compile
+    of a graph already cached in f32 loaded the f32 blob and, on a CPU with AMX, returned only NaN
+    (measured 2026-12-02 on the text encoder of the tests' tiny bundle).
     """
 
     threads: int | None = None
@@ -70,8 +73,9 @@ class OpenVinoOptions:
 
     def compile_config(self) -> dict[str, str]:
         """The properties every graph is compiled with."""
-        config = {"INFERENCE_PRECISION_HINT": self.precision or "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "NUM_STREAMS": "1", "CACHE_DIR": self.cache_dir or default_cache_dir()}
+        precision = self.precision or "f32"
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                  "CACHE_DIR": os.path.join(self.cache_dir or default_cache_dir(), precision)}
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
         return config

@@ -17,6 +17,10 @@
 #            stay at chance (0.2 / 0.1): with the bias from the start the high-noise steps, where layout is decided,
 #            were drawn 1 time in 4. The export of that run is checkpoints/default-f2; the next stage to try is a
 #            fine-tune of it with --timestep_bias=later.
+#            Tried since, neither committed: that fine-tune (2,100 steps), and a run from scratch with uniform draws
+#            (6,494 steps). Both left colour and position at chance. `python -m training.evaluate CKPT --guidance ''
+#            --text-gain 100,500,800,900,980` shows why: these U-Nets read the caption only at t >= 900. The README's
+#            Training section has the table.
 # The decoder fine-tune (stage 1b of default.sh) is not needed here: stage 1 trains with the L1 loss throughout.
 # Each stage writes atomic training state every 50 steps; rerunning this script resumes where it stopped.
 # Usage: bash training/recipes/default_f2.sh   (RUN=... PY=... UNET_STEPS=... UNET_MINUTES=... override)
