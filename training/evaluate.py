@@ -141,14 +141,10 @@ def denoise_scores(ld: LatentDiffusion, strength: float, n: int = 64, guidance_s
 
 
 def _alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
-    from ldm_runtime.noise_schedule import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
+    """alpha_bar_t of the checkpoint's training schedule, as its DDIM scheduler reads the config."""
+    from ldm_runtime.schedulers import make_scheduler
 
-    c = scheduler_config
-    betas = make_betas(c.get("num_train_timesteps", 1000), c.get("beta_start", 0.0001), c.get("beta_end", 0.02),
-                       c.get("beta_schedule", "linear"))
-    if c.get("rescale_betas_zero_snr"):
-        betas = rescale_zero_terminal_snr(betas)
-    return torch.from_numpy(alphas_cumprod_from_betas(betas)).float()
+    return torch.from_numpy(make_scheduler("ddim", scheduler_config).alphas_cumprod).float()
 
 
 @torch.no_grad()
