@@ -26,7 +26,7 @@ import torch
 from training import common
 from training.checkpoint import CheckpointError, LatentDiffusion, load_models
 from training.data import ShapesDataset
-from training.sample import sample, sample_img2img
+from training.sample import sample, sample_img2img, tokenizer_for
 from training.scorer import evaluate_images
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,6 @@ def text_gain(ld: LatentDiffusion, timesteps: tuple[int, ...] = (100, 300, 500, 
     pure noise holds nothing of the layout; a gain near 0 there means the U-Net is an unconditional denoiser
     and generated objects cannot follow the prompt, whatever it does from real latents (`denoise_scores`).
     The same noise is used for the three captions. {str(t): {"cond", "wrong", "empty", "gain"}}."""
-    from training.sample import tokenizer_for
-
     ds = ShapesDataset("val", size=ld.default_size[0], length=n, seed=seed)
     x = torch.stack([torch.as_tensor(np.asarray(ds[i][0])) for i in range(n)])
     captions = [ds[i][1] for i in range(n)]
