@@ -131,12 +131,25 @@ def test_overload_is_rejected_at_once_with_retry_after(ray_url):
 
 @pytest.mark.slow
 def test_client_disconnect_cancels_its_job(ray_url):
+    wait_for(lambda: sum(s["in_flight"] for s in replica_stats()) == 0, "the replicas idle")  # earlier tests' jobs
     before = sum(s["cancellations"] for s in replica_stats())
-    # 900 steps at 16x BODY's latent area: well over the client's 2 s on any CPU (900 steps at 64x64 finished
-    # in under 2 s on a fast VM, so the client never timed out)
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{ray_url}/v1/images/generations", json=dict(BODY, steps=900, size="256x256"), timeout=2.0)
+
+    async def disconnect_once_it_runs():
+        # the client goes away only once a replica is generating its job (a fixed client timeout raced Ray's
+        # routing on a slow VM: the job had not reached a replica when the client left, so nothing was cancelled)
+        async with httpx.AsyncClient(base_url=ray_url, timeout=TIMEOUT_S) as client:
+            post = asyncio.create_task(client.post("/v1/images/generations",
+                                                   json=dict(BODY, steps=900, size="256x256")))
+            await asyncio.to_thread(wait_for, lambda: sum(s["in_flight"] for s in replica_stats()) > 0,
+                                    "the job generating in a replica")
+            assert not post.done(), "900 steps at 256x256 finished before the client could leave"
+            post.cancel()  # httpx closes the connection of a cancelled request
+            with pytest.raises(asyncio.CancelledError):
+                await post
+
+    asyncio.run(disconnect_once_it_runs())
     wait_for(lambda: sum(s["cancellations"] for s in replica_stats()) > before, "a cancellation in a replica")
+    wait_for(lambda: sum(s["in_flight"] for s in replica_stats()) == 0, "the cancelled job leaving its slot")
     after = httpx.post(f"{ray_url}/v1/images/generations", json=BODY, timeout=TIMEOUT_S)
     assert after.status_code == 200, after.text  # and the replicas serve on
 

@@ -119,10 +119,12 @@ class LdmServer:
         service.pipe.encode_prompt([""])  # one text-encoder run: raises if the engine (or its device) is gone
 
     def stats(self) -> dict[str, Any]:
-        """This replica's process id and counters, for a deployment handle (``handle.broadcast("stats")``)."""
+        """This replica's process id, counters and jobs generating now, for a deployment handle
+        (``handle.broadcast("stats")``)."""
         m = self.service.metrics.registry
         return {"pid": os.getpid(), "cancellations": m.get_sample_value("ldm_cancellations_total") or 0.0,
-                "rejections": m.get_sample_value("ldm_rejections_total") or 0.0}
+                "rejections": m.get_sample_value("ldm_rejections_total") or 0.0,
+                "in_flight": m.get_sample_value("ldm_in_flight") or 0.0}
 
     def __del__(self):
         service = getattr(self, "service", None)
