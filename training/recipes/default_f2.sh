@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next default model (issue 18): the f=2 autoencoder of the study, and a U-Net trained from scratch on its
-# 4x32x32 latents. Written to $RUN (runs/default2 by default); stage 2 exports $RUN/unet/checkpoint-fp32, which
+# 4x32x32 latents. Written to $RUN (runs/default2 by default); stage 2b exports $RUN/unet_ft/checkpoint-fp32, which
 # `python -m training.evaluate` scores (training/recipes/evaluate_default.sh with CKPT=...).
 #
 #   stage 1  KL-f2 autoencoder, 64x64 px -> 4x32x32 latents, block channels (32, 64), 0.62M params, L1 pixel loss
@@ -10,20 +10,25 @@
 #            beside other jobs (0.22 s per step alone).
 #   stage 2  U-Net (32, 32, 64, 128), cross-attention at 8x8 and 4x4 only, 4.24M params, with the 2-layer 64-wide
 #            text encoder trained jointly (as the shipped model), v-prediction, zero terminal SNR, no min-SNR
-#            weighting, and the low-noise timesteps drawn 3x as often from the start (what the shipped model's
-#            stage 2b fine-tune taught), batch 32, 2 threads: 0.48-0.50 s per step alone.
-#            Measured 2026-12-02 (8,500 steps, 69 min alone; docs/default-model/eval_f2_step8500.json): from 20%
-#            noise it finishes shapes at 0.88-0.89 (the shipped model: 0.58), but from pure noise colour and position
-#            stay at chance (0.2 / 0.1): with the bias from the start the high-noise steps, where layout is decided,
-#            were drawn 1 time in 4. The export of that run is checkpoints/default-f2; the next stage to try is a
-#            fine-tune of it with --timestep_bias=later.
-#            Tried since, neither committed: that fine-tune (2,100 steps), and a run from scratch with uniform draws
-#            (6,494 steps). Both left colour and position at chance. `python -m training.evaluate CKPT --guidance ''
-#            --text-gain 100,500,800,900,980` shows why: these U-Nets read the caption only at t >= 900. The README's
-#            Training section has the table.
+#            weighting, uniform timestep draws, batch 32, 6,800 steps, 2 threads, and a noise schedule shifted
+#            for the 4x larger latent: scaled_linear betas 0.0017..0.024 instead of SD's 0.00085..0.012, which
+#            lowers log-SNR by 0.7 at t=100, 1.4 at t=500 and 2.3-2.9 at t=700-800 (more noise at every step,
+#            as resolution-shifted schedules do: neighbouring latent pixels are redundant, so the same noise
+#            level hides less of a 32x32 latent than of a 16x16 one).
+#            Why: on SD's schedule two U-Nets here (8,500 steps with the low-noise half drawn 3x as often, and
+#            6,494 steps with uniform draws) read the caption only at t >= 900 (`python -m training.evaluate CKPT
+#            --guidance '' --text-gain ...`): below that the noisy latent alone showed the objects, so the text
+#            was never needed and colour and position stayed at chance from pure noise. On the shifted schedule
+#            the caption lowers the loss from t=500 on, and colour and position follow the prompt.
+#   stage 2b fine-tune of the stage-2 export with the low-noise half drawn 3x as often (as the shipped model's
+#            stage 2b), lr 2e-4, 4,500 steps. Measured 2026-12-03 (its export is checkpoints/default-f2):
+#            colour 0.98 / 0.97, shape 0.26 / 0.34, position 1.00 / 0.98, count 0.98 / 0.97 at guidance 3
+#            (training / held-out combinations); shape from 20% noise 0.87. Stage 2 took 105 min and stage 2b 58 min
+#            at 0.7-0.9 s per step on a VM with heavy steal time.
+#            The README's Training section has each run's figures and times.
 # The decoder fine-tune (stage 1b of default.sh) is not needed here: stage 1 trains with the L1 loss throughout.
 # Each stage writes atomic training state every 50 steps; rerunning this script resumes where it stopped.
-# Usage: bash training/recipes/default_f2.sh   (RUN=... PY=... UNET_STEPS=... UNET_MINUTES=... override)
+# Usage: bash training/recipes/default_f2.sh   (RUN=... PY=... UNET_STEPS=... UNET_MINUTES=... FT_STEPS=... FT_MINUTES=... override)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -41,8 +46,17 @@ $PY -m training.cli train unet --out_dir="$RUN/unet" --vae="$RUN/vae/vae" --trai
   --block_out_channels=32,32,64,128 --attention=false,false,true,true --layers_per_block=1 --head_dim=32 \
   --text_hidden_size=64 --text_layers=2 --text_heads=2 --text_intermediate_size=256 \
   --prediction_type=v_prediction --zero_snr=true --min_snr_gamma=0 \
-  --timestep_bias=earlier --timestep_bias_portion=0.5 --timestep_bias_multiplier=3 \
-  --batch_size=32 --max_steps=${UNET_STEPS:-8500} --lr=8e-4 --warmup_steps=100 --ema_decay=0.998 \
+  --beta_start=0.0017 --beta_end=0.024 \
+  --batch_size=32 --max_steps=${UNET_STEPS:-6800} --lr=8e-4 --warmup_steps=100 --ema_decay=0.998 \
   --eval_every=1000 --eval_prompts=8 --sample_steps=20 --ckpt_every=50 \
   --export_dir="$RUN/unet/checkpoint-fp32" --export_dtype=fp32 --threads=${THREADS:-2} \
   --max_minutes=${UNET_MINUTES:-0} --progress=false $(resume "$RUN/unet")
+
+$PY -m training.cli train unet --out_dir="$RUN/unet_ft" --vae="$RUN/vae/vae" --init="$RUN/unet/checkpoint-fp32" \
+  --train_length=8000 --prediction_type=v_prediction --zero_snr=true --min_snr_gamma=0 \
+  --beta_start=0.0017 --beta_end=0.024 \
+  --timestep_bias=earlier --timestep_bias_portion=0.5 --timestep_bias_multiplier=3 \
+  --batch_size=32 --max_steps=${FT_STEPS:-4500} --lr=2e-4 --warmup_steps=50 --ema_decay=0.998 \
+  --eval_every=1000 --eval_prompts=8 --sample_steps=20 --ckpt_every=50 \
+  --export_dir="$RUN/unet_ft/checkpoint-fp32" --export_dtype=fp32 --threads=${THREADS:-2} \
+  --max_minutes=${FT_MINUTES:-0} --progress=false $(resume "$RUN/unet_ft")
