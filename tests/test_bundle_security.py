@@ -365,6 +365,37 @@ def test_engine_from_verified_bytes_matches_file(tiny_fp32_bundle):
     np.testing.assert_array_equal(eng.run({"latent": x})["image"], sess.run(["image"], {"latent": x})[0])
 
 
+@pytest.mark.parametrize("route", ["folder", "memory"])
+def test_weights_reach_onnxruntime_from_a_private_folder_that_is_removed(tiny_fp32_bundle, monkeypatch, route):
+    """The verified weights go to onnxruntime through a 0700 folder in /dev/shm (removed once the session is
+    open), or in memory where there is no /dev/shm; both give the model in the bundle, exactly."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from ldm_runtime.backends import onnxruntime as backend
+
+    if route == "folder" and not os.access(backend.SHM, os.W_OK):
+        pytest.skip(f"{backend.SHM} is not writable here")
+    made: list[tuple[str, int]] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(**kw):
+        folder = real_mkdtemp(**kw)
+        made.append((folder, os.stat(folder).st_mode & 0o777))
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    if route == "memory":
+        monkeypatch.setattr(backend, "SHM", str(tiny_fp32_bundle / "no-such-folder"))
+    eng = OnnxRuntimeEngine.from_manifest(Manifest.load(tiny_fp32_bundle), "vae_decoder")
+    assert [mode for _, mode in made] == ([0o700] if route == "folder" else [])
+    assert not any(os.path.exists(folder) for folder, _ in made)
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    sess = ort.InferenceSession(str(tiny_fp32_bundle / "vae_decoder.cpu.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(eng.run({"latent": x})["image"], sess.run(["image"], {"latent": x})[0])
+
+
 # -- ldm verify ------------------------------------------------------------------------------------
 
 def run_verify(bundle: Path) -> subprocess.CompletedProcess:

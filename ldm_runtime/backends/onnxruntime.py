@@ -181,15 +181,60 @@ def open_session(path: str | os.PathLike | bytes, so: Any, device: str, device_i
                  initializers: Mapping[str, np.ndarray] | None = None):
     """An ``InferenceSession`` on ``device``; on "cuda" one that really runs on the CUDA provider, or an error.
 
-    ``external_data``: for a model given as bytes, its external data files' bytes by location.
+    ``external_data``: for a model given as bytes, its external data files' bytes by location (a dict is
+    emptied once they are copied for onnxruntime: see ``private_copies``).
     ``initializers``: arrays replacing the external initializers of those names (the caller keeps them alive).
     """
     import onnxruntime as ort
 
-    if external_data:
-        names = list(external_data)
-        so.add_external_initializers_from_files_in_memory(
-            names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
+    with private_copies(external_data or {}) as folder:
+        if folder is not None:  # onnxruntime reads the verified copies by name from a folder only we can write
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        elif external_data:
+            names = list(external_data)
+            so.add_external_initializers_from_files_in_memory(
+                names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
+        return _open(ort, path, so, device, device_id, initializers)
+
+
+SHM = "/dev/shm"
+
+
+@contextlib.contextmanager
+def private_copies(files: Mapping[str, bytes]):
+    """A folder in memory (``/dev/shm``) holding ``files`` (location -> verified bytes), readable and writable
+    by this user only, removed on exit; None when there is nothing to write, no ``/dev/shm``, or a location is
+    not a plain file name (then the caller hands the bytes over in memory). Once written, the bytes are
+    dropped from ``files`` (a dict is cleared).
+
+    Why not in memory: onnxruntime copies files given with ``add_external_initializers_from_files_in_memory``
+    and keeps that copy for the session's life, beside the initializers it made from it. Measured on the fp32
+    mid pipeline (VmHWM, load + one 10-step image): 916-998 MiB in memory, 588-590 MiB from this folder,
+    562-569 MiB when onnxruntime reads the bundle itself (which would run files changed after the check).
+    """
+    plain = all(name and name == os.path.basename(name) and name not in (".", "..") for name in files)
+    if not files or not plain or not os.path.isdir(SHM) or not os.access(SHM, os.W_OK | os.X_OK):
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="ldm-weights-", dir=SHM)  # mode 0700
+    try:
+        for name, data in files.items():
+            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        del data
+        if isinstance(files, dict):
+            files.clear()  # the caller's reference to the bytes too: the process holds the weights once
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _open(ort: Any, path: str | os.PathLike | bytes, so: Any, device: str, device_id: int,
+          initializers: Mapping[str, np.ndarray] | None):
     if initializers:
         names = list(initializers)
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names])
