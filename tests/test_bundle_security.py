@@ -365,17 +365,18 @@ def test_engine_from_verified_bytes_matches_file(tiny_fp32_bundle):
     np.testing.assert_array_equal(eng.run({"latent": x})["image"], sess.run(["image"], {"latent": x})[0])
 
 
-@pytest.mark.parametrize("route", ["folder", "memory"])
+@pytest.mark.parametrize("route", ["folder", "memory", "full"])
 def test_weights_reach_onnxruntime_from_a_private_folder_that_is_removed(tiny_fp32_bundle, monkeypatch, route):
     """The verified weights go to onnxruntime through a 0700 folder in /dev/shm (removed once the session is
-    open), or in memory where there is no /dev/shm; both give the model in the bundle, exactly."""
+    open), or in memory where there is no /dev/shm or it is full; each gives the model in the bundle, exactly."""
+    import errno
     import tempfile
 
     import onnxruntime as ort
 
     from ldm_runtime.backends import onnxruntime as backend
 
-    if route == "folder" and not os.access(backend.SHM, os.W_OK):
+    if route in ("folder", "full") and not os.access(backend.SHM, os.W_OK):
         pytest.skip(f"{backend.SHM} is not writable here")
     made: list[tuple[str, int]] = []
     real_mkdtemp = tempfile.mkdtemp
@@ -388,8 +389,12 @@ def test_weights_reach_onnxruntime_from_a_private_folder_that_is_removed(tiny_fp
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     if route == "memory":
         monkeypatch.setattr(backend, "SHM", str(tiny_fp32_bundle / "no-such-folder"))
+    if route == "full":
+        def no_space(folder, files):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(backend, "write_private", no_space)
     eng = OnnxRuntimeEngine.from_manifest(Manifest.load(tiny_fp32_bundle), "vae_decoder")
-    assert [mode for _, mode in made] == ([0o700] if route == "folder" else [])
+    assert [mode for _, mode in made] == ([] if route == "memory" else [0o700])
     assert not any(os.path.exists(folder) for folder, _ in made)
     x = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
     sess = ort.InferenceSession(str(tiny_fp32_bundle / "vae_decoder.cpu.onnx"), providers=["CPUExecutionProvider"])

@@ -219,18 +219,32 @@ def private_copies(files: Mapping[str, bytes]):
     import shutil
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="ldm-weights-", dir=SHM)  # mode 0700
     try:
-        for name, data in files.items():
-            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        del data
+        folder = tempfile.mkdtemp(prefix="ldm-weights-", dir=SHM)  # mode 0700
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            write_private(folder, files)
+        except OSError as e:  # e.g. a container's 64 MB /dev/shm: hand the bytes over in memory instead
+            log.info("weights handed to onnxruntime in memory: cannot write them to %s (%s)", SHM, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            yield None
+            return
         if isinstance(files, dict):
             files.clear()  # the caller's reference to the bytes too: the process holds the weights once
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_private(folder: str, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) into ``folder`` as new files readable by this user only."""
+    for name, data in files.items():
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def _open(ort: Any, path: str | os.PathLike | bytes, so: Any, device: str, device_id: int,
