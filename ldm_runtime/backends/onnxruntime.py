@@ -109,8 +109,9 @@ class OnnxRuntimeEngine:
         weights for that graph, handed to onnxruntime with ``add_external_initializers``.
 
         The session opens from verified bytes: the graph and each external data file are read once,
-        checked against the manifest's ``files`` and handed to onnxruntime from memory, so a file
-        changed on disk after ``Pipeline.load`` is refused, never run. The graph may name only the
+        checked against the manifest's ``files`` and handed to onnxruntime from those bytes (through a
+        private copy, ``private_copies``), so a file changed on disk after ``Pipeline.load`` is refused,
+        never run. The graph may name only the
         external data files its manifest entry declares.
         """
         info = manifest.component(component)
