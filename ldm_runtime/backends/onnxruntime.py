@@ -210,7 +210,7 @@ def private_copies(files: Mapping[str, bytes]):
 
     Why not in memory: onnxruntime copies files given with ``add_external_initializers_from_files_in_memory``
     and keeps that copy for the session's life, beside the initializers it made from it. Measured on the fp32
-    mid pipeline (VmHWM, load + one 10-step image): 916-998 MiB in memory, 588-590 MiB from this folder,
+    mid pipeline (VmHWM, load + one 10-step image): 916-998 MiB in memory, 561-562 MiB from this folder,
     562-569 MiB when onnxruntime reads the bundle itself (which would run files changed after the check).
     """
     plain = all(name and name == os.path.basename(name) and name not in (".", "..") for name in files)
