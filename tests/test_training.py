@@ -299,6 +299,41 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert d < 1e-6
 
 
+def test_grow_attention_keeps_the_function_then_trains_the_new_blocks():
+    """--grow_attention adds cross-attention to a trained U-Net: the grown one computes the same output
+    (exactly: each new block's zero proj_out makes its residual add 0.0), every old weight carries over,
+    only the new blocks' weights are new, a backward pass reaches them, and dropping a level is refused."""
+    from types import SimpleNamespace
+
+    from training.models.unet import UNet, UNetConfig
+    from training.train_unet import build_unet, grow_attention
+    torch.manual_seed(0)
+    old = UNet(UNetConfig(in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), attention=(False, False, True),
+                          layers_per_block=1, num_heads=None, head_dim=16, cross_attention_dim=32,
+                          norm_num_groups=8)).eval()
+    grown = grow_attention(old, (False, True, True)).eval()
+    assert grown.config.attention == (False, True, True) and old.config.attention == (False, False, True)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(old(x, t, ctx), grown(x, t, ctx))
+    a, b = old.state_dict(), grown.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    added = sorted({k.split(".attentions.")[0] for k in b.keys() - a.keys()})
+    assert added == ["down_blocks.1", "up_blocks.1"], added  # level 1 down, and its mirror on the way up
+    grown.train()
+    grown(x, t, ctx).pow(2).mean().backward()
+    proj = grown.down_blocks[1].attentions[0].proj_out.weight
+    assert float(proj.abs().max()) == 0.0 and float(proj.grad.abs().max()) > 0  # zero, yet it learns
+
+    with pytest.raises(ConfigError, match=r"drops the checkpoint's attention at level\(s\) \[2\]"):
+        grow_attention(old, (True, True, False))
+    with pytest.raises(ConfigError, match=r"one flag per U-Net level \(3, .* got 2"):
+        grow_attention(old, (True, True))
+    cfg = UNetTrainConfig(grow_attention=(True, True, True))
+    with pytest.raises(ConfigError, match=r"--grow_attention adds attention to an --init checkpoint's U-Net"):
+        build_unet(cfg, None, SimpleNamespace(latent_channels=4, spatial_factor=2), 32)
+
+
 @pytest.mark.slow
 def test_unet_overfits_a_tiny_batch_and_exports(tmp_path, tiny_vae_dir):
     from training.checkpoint import load_models

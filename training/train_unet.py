@@ -21,6 +21,7 @@ see exactly the samples one process with batch B sees.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -69,6 +70,9 @@ class UNetTrainConfig:
     text_intermediate_size: int = 512
     # fine-tuning: start from a trained checkpoint folder (U-Net, text encoder, tokenizer); "" trains from scratch
     init: str = ""
+    # with --init: cross-attention per level, a superset of the checkpoint's; each added block starts as the
+    # identity (its proj_out zero), so the fine-tune starts from the checkpoint's exact outputs. Empty: as is
+    grow_attention: tuple[bool, ...] = ()
     # U-Net (with --init, the architecture comes from the checkpoint)
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     attention: tuple[bool, ...] = (False, True, True)
@@ -368,15 +372,52 @@ def load_text_encoder(folder: Path) -> CLIPTextEncoder:
 def build_unet(cfg: UNetTrainConfig, init: LatentDiffusion | None, vcfg, context_dim: int) -> UNet:
     """The --init checkpoint's U-Net (trainable, fp32), or a new one for these latents and text embeddings."""
     if init:
-        unet = init.unet.float().requires_grad_(True)
+        unet = init.unet.float()
+        if cfg.grow_attention:
+            unet = grow_attention(unet, cfg.grow_attention)
+        unet.requires_grad_(True)
         unet.config.gradient_checkpointing = cfg.gradient_checkpointing
         return unet
+    if cfg.grow_attention:
+        raise ConfigError("--grow_attention adds attention to an --init checkpoint's U-Net; give --init, or set "
+                          "--attention for a U-Net trained from scratch")
     return UNet(UNetConfig(in_channels=vcfg.latent_channels, out_channels=vcfg.latent_channels,
                            block_out_channels=cfg.block_out_channels, attention=cfg.attention,
                            layers_per_block=cfg.layers_per_block, num_heads=None, head_dim=cfg.head_dim,
                            cross_attention_dim=context_dim, norm_num_groups=cfg.norm_num_groups,
                            sample_size=cfg.image_size // vcfg.spatial_factor,
                            gradient_checkpointing=cfg.gradient_checkpointing))
+
+
+def grow_attention(unet: UNet, attention: tuple[bool, ...]) -> UNet:
+    """A copy of `unet` with cross-attention at every level `attention` marks, computing the same function:
+    the trained weights are copied, and each added Transformer2D has a zero proj_out, so its residual
+    adds nothing until training moves it (the zero-initialised output projection of LDM's own blocks)."""
+    old = tuple(unet.config.attention)
+    if len(attention) != len(old):
+        raise ConfigError(f"--grow_attention needs one flag per U-Net level ({len(old)}, the checkpoint's "
+                          f"attention={old}), got {len(attention)}: {attention}")
+    dropped = [i for i, (a, b) in enumerate(zip(old, attention)) if a and not b]
+    if dropped:
+        raise ConfigError(f"--grow_attention={attention} drops the checkpoint's attention at level(s) {dropped} "
+                          f"(it has {old}); it can only add levels")
+    added = [i for i, (a, b) in enumerate(zip(old, attention)) if b and not a]
+    grown = UNet(dataclasses.replace(unet.config, attention=tuple(attention)))
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    n = len(old)
+    new_prefixes = tuple(f"down_blocks.{i}.attentions." for i in added) + \
+        tuple(f"up_blocks.{n - 1 - i}.attentions." for i in added)
+    stray = [k for k in missing if not k.startswith(new_prefixes)]
+    if unexpected or stray:  # the architectures differ beyond the added blocks: a bug here, not bad input
+        raise RuntimeError(f"grow_attention: weights that do not carry over: missing {stray}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, module in grown.named_modules():
+            if name.startswith(new_prefixes) and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    logger.info("grew cross-attention at level(s) %s: U-Net %.2fM -> %.2fM params", added,
+                unet.num_parameters() / 1e6, grown.num_parameters() / 1e6)
+    return grown
 
 
 def build_model(cfg: UNetTrainConfig, init: LatentDiffusion | None, vcfg, vocab: dict[str, int],
