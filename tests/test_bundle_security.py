@@ -401,6 +401,29 @@ def test_weights_reach_onnxruntime_from_a_private_folder_that_is_removed(tiny_fp
     np.testing.assert_array_equal(eng.run({"latent": x})["image"], sess.run(["image"], {"latent": x})[0])
 
 
+def test_weights_folders_of_dead_processes_are_swept(tiny_fp32_bundle, tmp_path, monkeypatch):
+    """A process killed while its session opened leaves its weights folder in /dev/shm (RAM until reboot):
+    the next load removes the folders of processes that are gone, and leaves live processes' folders,
+    its own, and anything not named as ours."""
+    from ldm_runtime.backends import onnxruntime as backend
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = int(done.stdout)  # exited and reaped: no process has this pid now (barring reuse in this instant)
+    root = tmp_path / "shm"
+    root.mkdir()
+    for name in (f"ldm-weights-{dead}-abc", f"ldm-weights-{os.getppid()}-live", f"ldm-weights-{os.getpid()}-own",
+                 "ldm-weights-notapid-x", "other-123-x"):
+        (root / name).mkdir()
+        (root / name / "unet.weights").write_bytes(b"w" * 10)
+    (root / f"ldm-weights-{dead}-file").write_bytes(b"not a folder")
+    monkeypatch.setattr(backend, "SHM", str(root))
+    OnnxRuntimeEngine.from_manifest(Manifest.load(tiny_fp32_bundle), "vae_decoder")
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [f"ldm-weights-{os.getppid()}-live", f"ldm-weights-{os.getpid()}-own", "ldm-weights-notapid-x",
+         "other-123-x", f"ldm-weights-{dead}-file"])  # the engine's own folder is gone too, once open
+
+
 # -- ldm verify ------------------------------------------------------------------------------------
 
 def run_verify(bundle: Path) -> subprocess.CompletedProcess:

@@ -6,7 +6,9 @@ export gates already tie to the torch models.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -135,6 +137,41 @@ def test_bf16_after_f32_in_one_cache_is_bf16_and_finite(tiny_fp32_bundle, tmp_pa
 def test_threads_reach_openvino():
     assert OpenVinoOptions(threads=2).compile_config()["INFERENCE_NUM_THREADS"] == "2"
     assert "INFERENCE_NUM_THREADS" not in OpenVinoOptions().compile_config()
+
+
+def test_compiles_the_verified_bytes_not_a_file_changed_after_the_check(tiny_fp32_bundle, tmp_path, monkeypatch):
+    """The weights are checked, then compiled: a weights file rewritten on disk between the two (same size,
+    other values) does not reach OpenVINO, which reads the checked bytes from a private copy; the engine's
+    output equals the bundle's graph on onnxruntime exactly as before (f32 gate)."""
+    bundle = shutil.copytree(tiny_fp32_bundle, tmp_path / "b")
+    man = Manifest.load(bundle)
+    data = man.component("vae_decoder").extra["external_data"]
+    assert data, "the tiny bundle's VAE decoder should keep its weights in an external data file"
+    ref = Pipeline.load(bundle, threads=1)
+    feeds = component_feeds(ref, 64, 48, batch=1)["vae_decoder"]
+    want = ref.engine("vae_decoder").run(feeds)
+    real = ov_backend.private_copies
+    swapped = []
+
+    @contextlib.contextmanager
+    def tamper_after_check(files):
+        for name in data:  # the check is done (these are verified bytes); now the file on disk changes
+            path = bundle / name
+            w = np.frombuffer(path.read_bytes(), dtype=np.float32)
+            path.write_bytes((w * 1.5 + 0.25).astype(np.float32).tobytes())
+            swapped.append(name)
+        with real(files) as folder:
+            yield folder
+
+    monkeypatch.setattr(ov_backend, "private_copies", tamper_after_check)
+    opts = OpenVinoOptions(threads=1, precision="f32", cache_dir=str(tmp_path / "cache"))
+    got = OpenVinoEngine.from_manifest(man, "vae_decoder", opts).run(feeds)
+    assert swapped == list(data)
+    _, bound, _ = FP32_GATE
+    for name in want:
+        value = max_abs_rel(got[name], want[name])
+        print(f"vae_decoder.{name} after the file changed: max_abs_rel {value:.2e} (gate {bound:g})")
+        assert value <= bound
 
 
 def test_refuses_without_openvino(monkeypatch, tiny_fp32_bundle):

@@ -220,24 +220,59 @@ def private_copies(files: Mapping[str, bytes]):
     import shutil
     import tempfile
 
+    sweep_stale(SHM)
     try:
-        folder = tempfile.mkdtemp(prefix="ldm-weights-", dir=SHM)  # mode 0700
+        folder = tempfile.mkdtemp(prefix=f"{SHM_PREFIX}{os.getpid()}-", dir=SHM)  # mode 0700
     except OSError:
         yield None
         return
     try:
-        try:
-            write_private(folder, files)
-        except OSError as e:  # e.g. a container's 64 MB /dev/shm: hand the bytes over in memory instead
-            log.info("weights handed to onnxruntime in memory: cannot write them to %s (%s)", SHM, e)
-            shutil.rmtree(folder, ignore_errors=True)
-            yield None
-            return
+        write_private(folder, files)
+    except OSError as e:  # e.g. a container's 64 MB /dev/shm: hand the bytes over in memory instead
+        log.info("weights handed to onnxruntime in memory: cannot write them to %s (%s)", SHM, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        yield None
+        return
+    try:
         if isinstance(files, dict):
             files.clear()  # the caller's reference to the bytes too: the process holds the weights once
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+SHM_PREFIX = "ldm-weights-"
+
+
+def sweep_stale(root: str) -> list[str]:
+    """Remove the weights folders (``ldm-weights-<pid>-*`` in ``root``, ours by uid) whose process is gone:
+    a process killed while a session opened (SIGKILL, OOM) cannot remove its own, and each holds a model's
+    weights in RAM until reboot. Folders of live processes, of other users, or not named so are left.
+    Returns the folders removed."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        rest = entry.name[len(SHM_PREFIX):] if entry.name.startswith(SHM_PREFIX) else ""
+        pid = rest.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: the folder is stale
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except OSError:  # PermissionError: the pid is alive (someone else's); or the entry vanished meanwhile
+            continue
+    if removed:
+        log.info("removed %d stale weights folder(s) in %s: %s", len(removed), root, removed)
+    return removed
 
 
 def write_private(folder: str, files: Mapping[str, bytes]) -> None:

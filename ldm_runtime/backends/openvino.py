@@ -11,7 +11,7 @@ import numpy as np
 
 from ..manifest import Manifest, TensorSpec
 from .base import check_feeds
-from .onnxruntime import check_graph, read_external_data
+from .onnxruntime import check_graph, private_copies, read_external_data
 
 PRECISIONS = ("f32", "bf16")
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
@@ -124,15 +124,21 @@ class OpenVinoEngine:
                       options: OpenVinoOptions = OpenVinoOptions()) -> "OpenVinoEngine":
         """Compile ``component``'s portable graph (never the onnxruntime CPU variant).
 
-        The graph and its external data are checked against the manifest's ``files`` (and the graph
-        may name only the data files its entry declares) right before OpenVINO reads them by path.
+        The graph and its external data are read once and checked against the manifest's ``files`` (the
+        graph may name only the data files its entry declares), and OpenVINO reads those verified bytes
+        from a private copy (``private_copies``), so a file changed on disk after the check is never
+        compiled. Where no private copy can be made (no writable ``/dev/shm``), OpenVINO reads the bundle's
+        files by path right after the check.
         """
         info = manifest.component(component)
         where = f"components.{component}"
         graph = manifest.read_verified(info.file, field=f"{where}.file")
-        read_external_data(manifest, graph, info.extra.get("external_data") or [], where)
-        return cls(manifest.path(info.file, field=f"{where}.file"), info.inputs, info.outputs, name=component,
-                   options=options)
+        files = {os.path.basename(info.file): graph,
+                 **read_external_data(manifest, graph, info.extra.get("external_data") or [], where)}
+        with private_copies(files) as folder:
+            path = (os.path.join(folder, os.path.basename(info.file)) if folder is not None
+                    else manifest.path(info.file, field=f"{where}.file"))
+            return cls(path, info.inputs, info.outputs, name=component, options=options)
 
     @property
     def precision(self) -> str:
