@@ -425,3 +425,85 @@ def test_engine_options_reach_the_pipelines_and_bad_ones_fail_at_construction(ti
         service.close()
     with pytest.raises(ValueError, match=r"unknown onnxruntime engine options \['thread'\]"):
         GenerationService(str(tiny_fp32_bundle), engine_options={"thread": 1})
+
+
+# -- LoRAs fused at start ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def style_lora(tiny_fp32_bundle, tmp_path_factory):
+    """A kohya LoRA (random, rank 2) on every cross-attention value projection of the tiny U-Net."""
+    import numpy as np
+
+    from ldm_runtime.lora_apply import read_lora_map
+    from ldm_runtime.manifest import Manifest
+    from tests.lora_files import kohya_name, lora_pair, write_lora
+
+    shapes = read_lora_map(Manifest.load(tiny_fp32_bundle, verify=False), "unet")
+    rng = np.random.default_rng(11)
+    tensors = {}
+    for key, (shape, _) in shapes.items():
+        if key.endswith("attn2.to_v.weight"):
+            name = kohya_name("lora_unet_", key[len("unet."):-len(".weight")])
+            down, up = lora_pair(rng, tuple(shape), 2)
+            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up * 4,
+                            f"{name}.alpha": np.array(2.0, dtype=np.float32)})
+    assert tensors, "the tiny U-Net should have cross-attention to put the LoRA on"
+    return write_lora(tmp_path_factory.mktemp("lora") / "style.safetensors", tensors)
+
+
+@pytest.fixture(scope="module")
+def served_lora(tiny_fp32_bundle, style_lora):
+    server = Server(GenerationService(str(tiny_fp32_bundle), max_batch=1, loras=[(str(style_lora), 0.7)]))
+    server.start_service()
+    yield server
+    server.close()
+
+
+def test_a_lora_fused_at_start_serves_what_ldm_generate_gives_with_it(served_lora, served, style_lora,
+                                                                      tiny_fp32_bundle, tmp_path):
+    """``ldm serve --lora FILE:0.7``: every image is ``ldm generate --lora FILE:0.7``'s, byte for byte (a
+    prompt's matching A1111 tag is removed first, as A1111 removes it), and differs from the plain
+    server's; /sdapi/v1/loras names the file with its sha256 and scale."""
+    import hashlib
+
+    from ldm_runtime.images import read_parameters
+
+    listed = served_lora.http.get("/sdapi/v1/loras").json()
+    assert listed == [{"name": "style", "alias": "style", "path": str(style_lora), "metadata": {}, "scale": 0.7,
+                       "sha256": hashlib.sha256(style_lora.read_bytes()).hexdigest()}]
+    assert served.http.get("/sdapi/v1/loras").json() == []
+    out = tmp_path / "lora.png"
+    assert ldm_main(["generate", str(tiny_fp32_bundle), PROMPT, "--seed", "4", "--steps", "3",
+                     "--lora", f"{style_lora}:0.7", "--out", str(out)]) == 0
+    for prompt in (PROMPT, f"{PROMPT}<lora:style:0.7>"):
+        r = txt2img(served_lora, prompt=prompt, seed=4, cfg_scale=7.5)
+        assert png_of(r) == out.read_bytes(), prompt
+        assert json.loads(r.json()["info"])["prompt"] == prompt  # the infotext keeps the tag, as A1111's does
+    assert read_parameters(out)["loras"][0]["scale"] == 0.7
+    plain = png_of(txt2img(served, seed=4, cfg_scale=7.5))
+    assert plain != out.read_bytes()
+
+
+@pytest.mark.parametrize("tag,words", [
+    ("<lora:style:0.5>", "asks for scale 0.5, but it is fused at 0.7"),
+    ("<lora:style>", "asks for scale 1, but it is fused at 0.7"),
+    ("<lora:other:0.7>", "is not one of this server's LoRAs"),
+    ("<lora:style:te=1:unet=0.7>", "expected <lora:NAME> or <lora:NAME:SCALE>"),
+    ("<lora:style:nan>", "expected <lora:NAME> or <lora:NAME:SCALE>"),
+])
+def test_a_lora_tag_the_server_cannot_honour_is_a_400(served_lora, tag, words):
+    r = txt2img(served_lora, prompt=f"{PROMPT} {tag}")
+    assert_error(r, 400, "prompt")
+    message = r.json()["error"]["message"]
+    assert words in message and "fused: style:0.7" in message, message
+
+
+def test_ldm_serve_refuses_a_bad_lora_in_one_line(tiny_fp32_bundle, tmp_path, capsys):
+    not_lora = tmp_path / "x.safetensors"
+    not_lora.write_bytes(b"\x80\x04 pickled, not safetensors")
+    for args, words in ((["--lora", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+                        (["--lora", str(not_lora)], "x.safetensors"),
+                        (["--lora", str(not_lora), "--backend", "openvino"], "not on 'openvino'")):
+        assert ldm_main(["serve", str(tiny_fp32_bundle), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err

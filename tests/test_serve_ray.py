@@ -20,13 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ldm-runtime[ray]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install 'ldm-runtime[dev]')")
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'ldm-runtime[serve]')")
 
-from ldm_runtime.serve.ray_app import CONTROL_SLOTS, DEPLOYMENT, LdmServer, ReplicaArgs, app_from_config, application  # noqa: E402
+from ldm_runtime.serve.ray_app import (CONTROL_SLOTS, DEPLOYMENT, LdmServer, ReplicaArgs, app_from_config,  # noqa: E402
+                                       application, given_flags, replica_flags)
 
 REPO = Path(__file__).resolve().parents[1]
 REPLICAS = 2
@@ -200,6 +202,29 @@ def test_config_file_args_are_replica_args(tiny_fp32_bundle):
     assert http["host"] == "127.0.0.1" and (name, prefix) == ("ldm", "/")
     with pytest.raises(ValueError, match="unknown max_queu"):
         ReplicaArgs.from_dict({"bundle": "x", "max_queu": 2})
+
+
+def test_loras_reach_each_replica_by_absolute_path(tiny_fp32_bundle, tmp_path, monkeypatch):
+    """``ldm serve --ray --lora FILE:SCALE`` gives every replica the file by its absolute path (a replica may
+    run in another folder) and the scale; YAML's [[file, scale]] lists give the same; a bad entry is refused."""
+    from ldm_runtime.serve.cli import build_parser
+    from ldm_runtime.serve.core import DEFAULT_MAX_BATCH
+    from tests.lora_files import write_lora
+
+    write_lora(tmp_path / "style.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight":
+            np.zeros((1, 4), np.float32),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_up.weight":
+            np.zeros((4, 1), np.float32)})
+    monkeypatch.chdir(tmp_path)
+    a = build_parser(DEFAULT_MAX_BATCH).parse_args([str(tiny_fp32_bundle), "--ray", "--lora", "style.safetensors:0.7"])
+    args = ReplicaArgs.from_dict(replica_flags(a.bundle, given_flags(a, only_changed=True)))
+    want = ((str(tmp_path / "style.safetensors"), 0.7),)
+    assert args.loras == want
+    assert ReplicaArgs.from_dict({"bundle": str(tiny_fp32_bundle), "loras": [[want[0][0], 0.7]]}) == args
+    assert args.service().loras == list(want)  # the service parsed the file (it opens engines only at start)
+    with pytest.raises(ValueError, match=r"loras must be a list of \[file, scale\] pairs, got 'style'"):
+        ReplicaArgs.from_dict({"bundle": "x", "loras": "style"})
 
 
 def test_check_health_fails_once_the_engine_cannot_run(tiny_fp32_bundle):

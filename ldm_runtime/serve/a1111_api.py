@@ -9,6 +9,12 @@ They return ``{"images", "parameters", "info"}``, ``info`` a JSON string with th
 job id. ``progress`` and ``interrupt`` act on the caller's own job only: the one named by the
 ``X-Job-Id`` header or the ``id_task`` query field, else the caller's address's latest job; an
 interrupted generation answers 409 (code ``cancelled``), with no images.
+
+LoRAs: the ones ``ldm serve --lora FILE:SCALE`` fused into the weights at start apply to every
+request (``/sdapi/v1/loras`` lists them). A prompt may name them as A1111 does, ``<lora:NAME>`` or
+``<lora:NAME:SCALE>`` (NAME the file's stem, SCALE 1 when left out): a tag is removed from the
+prompt, as A1111 removes it, when it names a fused LoRA at its fused scale; any other tag is a 400
+that says what the server fuses, since weights fused at start cannot change per request.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ import base64
 import binascii
 import io
 import json
+import math
+import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -79,6 +88,39 @@ def scheduler_for(body: Txt2ImgBody) -> str | None:
                    param="sampler_name", code="invalid_value")
 
 
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def fused_loras(service: GenerationService) -> dict[str, float]:
+    """The LoRAs fused at start by name (the file's stem) -> scale."""
+    return {Path(path).stem: scale for path, scale in service.loras}
+
+
+def strip_lora_tags(prompt: str, service: GenerationService) -> str:
+    """``prompt`` without its ``<lora:...>`` tags, each checked against the fused LoRAs; or a 400."""
+    fused = fused_loras(service)
+    have = ", ".join(f"{n}:{s:g}" for n, s in fused.items()) or "none"
+    for m in LORA_TAG.finditer(prompt):
+        parts = m.group(1).split(":")
+        try:
+            if len(parts) > 2:
+                raise ValueError
+            scale = float(parts[1]) if len(parts) == 2 else 1.0
+            if not math.isfinite(scale):
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, f"prompt: {m.group(0)}: expected <lora:NAME> or <lora:NAME:SCALE> with SCALE a "
+                                f"number (fused: {have})", param="prompt", code="invalid_value") from None
+        name = parts[0]
+        if name not in fused or abs(scale - fused[name]) > 1e-6:
+            what = "is not one of this server's LoRAs" if name not in fused else \
+                f"asks for scale {scale:g}, but it is fused at {fused[name]:g}"
+            raise ApiError(400, f"prompt: {m.group(0)} {what}; this server fuses its LoRAs into the weights at start, "
+                                f"for every request (fused: {have}; start ldm serve with --lora FILE:SCALE for "
+                                f"others)", param="prompt", code="invalid_value")
+    return LORA_TAG.sub("", prompt)
+
+
 def decode_image(init_images: list[str]) -> Any:
     """The one base64 image of ``init_images`` (a data URL prefix allowed) as an RGB PIL image, or a 400."""
     from PIL import Image, UnidentifiedImageError
@@ -111,7 +153,7 @@ def to_generation(body: Txt2ImgBody, service: GenerationService, init_image: Any
     if not 0.0 < strength <= 1.0:
         raise ApiError(400, f"denoising_strength: expected a value in (0, 1], got {strength}",
                        param="denoising_strength", code="invalid_value")
-    return GenerationRequest(prompt=body.prompt, seeds=tuple(seed + i for i in range(body.batch_size * body.n_iter)),
+    return GenerationRequest(prompt=strip_lora_tags(body.prompt, service), seeds=tuple(seed + i for i in range(body.batch_size * body.n_iter)),
                              negative_prompt=body.negative_prompt or None, steps=body.steps,
                              guidance_scale=body.cfg_scale, scheduler=scheduler, width=width, height=height,
                              eta=body.eta or 0.0, init_image=init_image, strength=strength)
@@ -119,10 +161,10 @@ def to_generation(body: Txt2ImgBody, service: GenerationService, init_image: Any
 
 def response(body: Txt2ImgBody, req: GenerationRequest, job_id: str, result: JobResult) -> JSONResponse:
     sampler = body.sampler_name or body.sampler_index or result.scheduler
-    infotexts = [f"{req.prompt}\nNegative prompt: {req.negative_prompt or ''}\nSteps: {req.steps}, Sampler: {sampler}, "
+    infotexts = [f"{body.prompt}\nNegative prompt: {req.negative_prompt or ''}\nSteps: {req.steps}, Sampler: {sampler}, "
                  f"CFG scale: {req.guidance_scale:g}, Seed: {seed}, Size: {result.width}x{result.height}"
                  for seed in result.seeds]
-    info = {"job_id": job_id, "seed": result.seeds[0], "all_seeds": result.seeds, "prompt": req.prompt,
+    info = {"job_id": job_id, "seed": result.seeds[0], "all_seeds": result.seeds, "prompt": body.prompt,
             "negative_prompt": req.negative_prompt or "", "steps": req.steps, "cfg_scale": req.guidance_scale,
             "sampler_name": sampler, "scheduler": result.scheduler, "width": result.width, "height": result.height,
             "infotexts": infotexts}
@@ -203,3 +245,13 @@ async def sd_models(request: Request) -> JSONResponse:
 @router.get("/samplers")
 async def samplers(request: Request) -> JSONResponse:
     return JSONResponse([{"name": name, "aliases": [ours], "options": {}} for name, ours in SAMPLERS.items()])
+
+
+@router.get("/loras")
+async def loras(request: Request) -> JSONResponse:
+    """The LoRAs fused at start (A1111's fields, with the scale and the file's sha256 added)."""
+    service = service_of(request)
+    fused = service.pipeline.loras
+    applied = fused.applied if fused is not None else ()
+    return JSONResponse([{"name": Path(a.path).stem, "alias": Path(a.path).stem, "path": str(a.path), "metadata": {},
+                          "scale": a.scale, "sha256": a.sha256} for a in applied])

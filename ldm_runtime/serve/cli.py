@@ -12,6 +12,7 @@ from importlib import import_module
 
 from ..backends import BACKENDS
 from ..cliargs import ArgumentParser, UsageError, one_line
+from ..generate import lora_arg
 
 SERVE_EXTRA = "pip install 'ldm-runtime[serve]'"
 
@@ -33,6 +34,9 @@ def build_parser(max_batch: int) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime threads per engine (default: the backend's, all cores)")
+    p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA safetensors file fused into the weights for every request, at SCALE (default 1.0); "
+                        "repeatable. A1111 prompts may name it as <lora:NAME:SCALE> (NAME: the file's stem)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas instead of in this process")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: the number of replicas (default 1)")
@@ -85,7 +89,7 @@ def serve(a: argparse.Namespace) -> int:
         Manifest.load(a.bundle, verify=False)  # a bad bundle is one line now, not a server that never gets ready
         service = GenerationService(a.bundle, backend=a.backend, device=a.device, max_inflight=a.max_inflight,
                                     max_queue=a.max_queue, max_batch=a.max_batch, batch_wait_s=a.batch_wait_ms / 1000,
-                                    request_timeout_s=a.request_timeout,
+                                    request_timeout_s=a.request_timeout, loras=a.lora,
                                     engine_options={} if a.threads is None else {"threads": a.threads})
     except (ValueError, OSError) as e:
         print(f"ldm serve: error: {one_line(e)}", file=sys.stderr)

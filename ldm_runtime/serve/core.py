@@ -22,12 +22,16 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable
 
+from ..backends import LORA_BACKENDS
 from ..backends import engine_options as engine_opts
 from ..cancel import Cancelled, CancelToken
 from ..generate import png_parameters
 from ..images import png_bytes
+from ..lora import read_lora
+from ..lora_apply import check_lora_specs
 from ..pipeline import Img2ImgPipeline, Pipeline, PipelineInputError
 from .metrics import Metrics
 
@@ -148,7 +152,7 @@ class GenerationService:
     def __init__(self, bundle: str, backend: str = "onnxruntime", device: str = "cpu", max_inflight: int = 1,
                  max_queue: int = 8, max_batch: int = DEFAULT_MAX_BATCH, batch_wait_s: float = 0.01,
                  request_timeout_s: float = 600.0, on_step: Callable[[list[Job], int], None] | None = None,
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, loras: Sequence[tuple[str, float]] = ()):
         for name, value, low in (("max_inflight", max_inflight, 1), ("max_queue", max_queue, 0),
                                  ("max_batch", max_batch, 1)):
             if not isinstance(value, int) or value < low:
@@ -163,6 +167,16 @@ class GenerationService:
             engine_opts(backend, None, **self.engine_options)
         except TypeError as e:  # an unknown option name
             raise ValueError(str(e)) from None
+        # (file, scale) pairs fused into the weights for every request; each file is parsed now, so a bad
+        # one is an error here, not a server that never gets ready (the bundle check comes at start())
+        try:
+            self.loras = check_lora_specs(list(loras))
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        if self.loras and backend not in LORA_BACKENDS:
+            raise ValueError(f"loras: LoRAs are applied on backends {', '.join(LORA_BACKENDS)}, not on {backend!r}")
+        for path, _ in self.loras:
+            read_lora(path)
         self.max_inflight, self.max_queue, self.max_batch = max_inflight, max_queue, max_batch
         self.batch_wait_s, self.request_timeout_s, self.on_step = batch_wait_s, request_timeout_s, on_step
         self.pipe: Pipeline | None = None
@@ -196,11 +210,13 @@ class GenerationService:
 
     def _open_and_warm(self) -> None:
         try:
-            self.pipe = Pipeline.load(self.bundle, backend=self.backend, device=self.device, **self.engine_options)
+            self.pipe = Pipeline.load(self.bundle, backend=self.backend, device=self.device,
+                                      loras=self.loras or None, **self.engine_options)
             self.pipe.open_engines()
             if self.pipe.manifest.has("vae_encoder"):
                 self.img2img = Img2ImgPipeline.load(self.bundle, backend=self.backend, device=self.device,
                                                     **self.engine_options)
+                self.img2img.loras = self.pipe.loras  # fused once; the engines it shares carry them
                 self.img2img.engines.update(self.pipe.engines)  # one engine per component for both
                 self.img2img.open_engines()
             self.pipe("warm-up", num_inference_steps=2, seed=0, output_type="np")  # the default size

@@ -33,7 +33,8 @@ from .core import GenerationService
 DEPLOYMENT = "LdmServer"  # the deployment's name, as the YAML's `deployments` entry names it
 IMPORT_PATH = "ldm_runtime.serve.ray_app:build_app"
 CONTROL_SLOTS = 2  # requests per replica beyond its generations: health, progress and metrics reads
-SERVICE_KEYS = ("backend", "device", "max_inflight", "max_queue", "max_batch", "batch_wait_s", "request_timeout_s")
+SERVICE_KEYS = ("backend", "device", "max_inflight", "max_queue", "max_batch", "batch_wait_s", "request_timeout_s",
+                "loras")
 SERVICE_DEFAULTS = {k: p.default for k, p in inspect.signature(GenerationService).parameters.items()
                     if k in SERVICE_KEYS}
 
@@ -53,6 +54,7 @@ class ReplicaArgs:
     max_batch: int = SERVICE_DEFAULTS["max_batch"]
     batch_wait_s: float = SERVICE_DEFAULTS["batch_wait_s"]
     request_timeout_s: float = SERVICE_DEFAULTS["request_timeout_s"]
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) pairs, fused for every request (YAML: [[file, scale]])
     proxy_queue: int = 2
     retry_after_s: float = 1.0
     cpus_per_replica: int | None = None
@@ -67,6 +69,11 @@ class ReplicaArgs:
         if unknown or "bundle" not in args:
             raise ValueError(f"ldm serve on Ray: args take {', '.join(names)} (bundle required); got "
                              f"{'unknown ' + ', '.join(unknown) if unknown else 'no bundle'}")
+        if "loras" in args:  # YAML gives lists; a frozen dataclass keeps tuples (hashable, compared equal)
+            loras = args["loras"]
+            if not isinstance(loras, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in loras):
+                raise ValueError(f"loras must be a list of [file, scale] pairs, got {loras!r}")
+            args["loras"] = tuple(tuple(x) for x in loras)
         out = cls(**args)
         if not isinstance(out.proxy_queue, int) or out.proxy_queue < 1:
             raise ValueError(f"proxy_queue must be an int >= 1 (Ray's max_queued_requests), got {out.proxy_queue!r}")
@@ -193,7 +200,8 @@ def app_from_config(path: str | os.PathLike, args: dict[str, Any], options: dict
 
 # ldm serve's flags -> ReplicaArgs keys
 ARG_FLAGS = {"backend": "backend", "device": "device", "max_inflight": "max_inflight", "max_queue": "max_queue",
-             "max_batch": "max_batch", "batch_wait_ms": "batch_wait_s", "request_timeout": "request_timeout_s"}
+             "max_batch": "max_batch", "batch_wait_ms": "batch_wait_s", "request_timeout": "request_timeout_s",
+             "lora": "loras"}
 
 
 def given_flags(a: argparse.Namespace, only_changed: bool) -> dict[str, Any]:
@@ -203,6 +211,15 @@ def given_flags(a: argparse.Namespace, only_changed: bool) -> dict[str, Any]:
 
     parser = build_parser(DEFAULT_MAX_BATCH)
     return {k: v for k, v in vars(a).items() if not only_changed or v != parser.get_default(k)}
+
+
+def replica_flags(bundle: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """``ldm serve``'s flags (``given_flags``) as ``ReplicaArgs`` keys, with the bundle."""
+    args = {"bundle": str(bundle), **{key: flags[f] / 1000 if f == "batch_wait_ms" else flags[f]
+                                      for f, key in ARG_FLAGS.items() if f in flags}}
+    if "loras" in args:  # replicas may run in another folder: name the files absolutely
+        args["loras"] = [(os.path.abspath(f), scale) for f, scale in args["loras"]]
+    return args
 
 
 def _interrupt(signum, frame):
@@ -218,8 +235,7 @@ def main(a: argparse.Namespace) -> int:
     from ray.serve.config import HTTPOptions
 
     flags = given_flags(a, only_changed=bool(a.ray_config))
-    args = {"bundle": str(a.bundle), **{key: flags[f] / 1000 if f == "batch_wait_ms" else flags[f]
-                                        for f, key in ARG_FLAGS.items() if f in flags}}
+    args = replica_flags(a.bundle, flags)
     options = {"num_replicas": flags["replicas"]} if "replicas" in flags else {}
     try:
         if a.ray_config:
