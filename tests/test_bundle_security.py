@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,8 +404,9 @@ def test_weights_reach_onnxruntime_from_a_private_folder_that_is_removed(tiny_fp
 
 def test_weights_folders_of_dead_processes_are_swept(tiny_fp32_bundle, tmp_path, monkeypatch):
     """A process killed while its session opened leaves its weights folder in /dev/shm (RAM until reboot):
-    the next load removes the folders of processes that are gone, and leaves live processes' folders,
-    its own, and anything not named as ours."""
+    the next load removes the folders of processes that are gone once they are an hour old, and leaves
+    recent ones (another PID namespace's live process looks gone), live processes' folders, its own, and
+    anything not named as ours."""
     from ldm_runtime.backends import onnxruntime as backend
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -417,11 +419,15 @@ def test_weights_folders_of_dead_processes_are_swept(tiny_fp32_bundle, tmp_path,
         (root / name).mkdir()
         (root / name / "unet.weights").write_bytes(b"w" * 10)
     (root / f"ldm-weights-{dead}-file").write_bytes(b"not a folder")
+    old = time.time() - backend.STALE_AFTER_S - 60
+    for name in os.listdir(root):
+        os.utime(root / name, (old, old))
+    (root / f"ldm-weights-{dead}-recent").mkdir()
     monkeypatch.setattr(backend, "SHM", str(root))
     OnnxRuntimeEngine.from_manifest(Manifest.load(tiny_fp32_bundle), "vae_decoder")
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [f"ldm-weights-{os.getppid()}-live", f"ldm-weights-{os.getpid()}-own", "ldm-weights-notapid-x",
-         "other-123-x", f"ldm-weights-{dead}-file"])  # the engine's own folder is gone too, once open
+         "other-123-x", f"ldm-weights-{dead}-file", f"ldm-weights-{dead}-recent"])  # and the engine's own is gone
 
 
 # -- ldm verify ------------------------------------------------------------------------------------

@@ -242,14 +242,19 @@ def private_copies(files: Mapping[str, bytes]):
 
 
 SHM_PREFIX = "ldm-weights-"
+# a folder lives only while its session opens (seconds to a few minutes); one older than this whose process
+# is gone is stale. The age guards a /dev/shm shared across PID namespaces (containers run with
+# --ipc=host), where another container's live process looks gone from here
+STALE_AFTER_S = 3600.0
 
 
 def sweep_stale(root: str) -> list[str]:
-    """Remove the weights folders (``ldm-weights-<pid>-*`` in ``root``, ours by uid) whose process is gone:
-    a process killed while a session opened (SIGKILL, OOM) cannot remove its own, and each holds a model's
-    weights in RAM until reboot. Folders of live processes, of other users, or not named so are left.
-    Returns the folders removed."""
+    """Remove the weights folders (``ldm-weights-<pid>-*`` in ``root``, ours by uid) whose process is gone
+    and that are older than ``STALE_AFTER_S``: a process killed while a session opened (SIGKILL, OOM)
+    cannot remove its own, and each holds a model's weights in RAM until reboot. Folders of live
+    processes, of other users, recent ones, or ones not named so are left. Returns the folders removed."""
     import shutil
+    import time
 
     removed = []
     try:
@@ -262,7 +267,9 @@ def sweep_stale(root: str) -> list[str]:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.getuid() or \
+                    time.time() - st.st_mtime < STALE_AFTER_S:
                 continue
             os.kill(int(pid), 0)
         except ProcessLookupError:  # no such process: the folder is stale
